@@ -1,0 +1,4 @@
+"""Plain PyTorch models."""
+from plait.models.gpt import GPT
+
+__all__ = ["GPT"]

@@ -1,0 +1,4 @@
+"""Parallel strategies, one file each."""
+from plait.parallel.data import GradientReducer
+
+__all__ = ["GradientReducer"]

@@ -1,0 +1,223 @@
+"""Data parallelism: our own gradient reducer over torch.distributed.
+
+Gradients are packed into flat buckets in reverse registration order (roughly the order backward
+produces them). A post-accumulate-grad hook copies each gradient into its bucket as soon as it is
+final; when a bucket is full its all-reduce is launched asynchronously, so communication overlaps
+the rest of backward. Buckets are always launched in index order, so every rank issues the same
+collectives in the same order even when parameters become ready in a different order.
+
+Each bucket carries one extra slot per parameter: a 1 where this rank produced a gradient. After
+the sum, a zero count means no rank used the parameter in this step, and its `.grad` stays None,
+exactly as in single-process training; otherwise `.grad` is the average over the dp group.
+
+The "naive" mode all-reduces each gradient on its own after backward: the textbook baseline that
+shows what bucketing and overlap buy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from plait.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# A communication hook takes a flat bucket (summed in place) and the group; it returns a Work
+# (or None if it finished synchronously). Compression plugs in here.
+CommHook = Callable[[torch.Tensor, "dist.ProcessGroup | None"], "dist.Work | None"]
+
+
+def allreduce_hook(buffer: torch.Tensor, group) -> "dist.Work | None":
+    return dist.all_reduce(buffer, group=group, async_op=True)
+
+
+@dataclass
+class _Bucket:
+    params: list[nn.Parameter]
+    offsets: list[int]
+    numel: int
+    buffer: torch.Tensor  # grads, then one used-flag per parameter
+    ready: set[int] = field(default_factory=set)  # indices into params
+    work: "dist.Work | None" = None
+    launched: bool = False
+
+
+class GradientReducer:
+    """Averages gradients over a data-parallel group; attach once to a model.
+
+    After `loss.backward()` returns, every parameter's `.grad` holds the dp-group average (the
+    end-of-backward callback waits for the in-flight buckets). Use :meth:`no_sync` around
+    micro-steps of gradient accumulation.
+    """
+
+    def __init__(self, module: nn.Module, group: "dist.ProcessGroup | None" = None,
+                 bucket_mb: float = 25.0, mode: str = "bucketed", comm_hook: CommHook | None = None,
+                 broadcast_params: bool = True):
+        if mode not in ("bucketed", "naive"):
+            raise ConfigError(f"parallel.reducer={mode!r} is invalid; valid: bucketed, naive")
+        if bucket_mb <= 0:
+            raise ConfigError(f"parallel.bucket_mb={bucket_mb} must be > 0")
+        self.module = module
+        self.group = group
+        self.mode = mode
+        self.comm_hook = comm_hook or allreduce_hook
+        self.world = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self._sync = True
+        self._callback_queued = False
+        self._handles = []
+        self.buckets: list[_Bucket] = []
+        self._where: dict[int, tuple[int, int]] = {}  # id(param) -> (bucket, slot)
+        if broadcast_params and self.world > 1:
+            self._broadcast_from_first_rank()
+        if mode == "bucketed":
+            self._build_buckets(int(bucket_mb * 1024 * 1024))
+        for p in self.params:
+            self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
+
+    # --- setup ----------------------------------------------------------------------------
+
+    def _broadcast_from_first_rank(self) -> None:
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        with torch.no_grad():
+            for t in list(self.module.parameters()) + list(self.module.buffers()):
+                dist.broadcast(t.data, src=src, group=self.group)
+
+    def _build_buckets(self, cap_bytes: int) -> None:
+        current: list[nn.Parameter] = []
+        size = 0
+        for p in reversed(self.params):
+            nbytes = p.numel() * p.element_size()
+            if current and (size + nbytes > cap_bytes or p.dtype != current[0].dtype
+                            or p.device != current[0].device):
+                self._add_bucket(current)
+                current, size = [], 0
+            current.append(p)
+            size += nbytes
+        if current:
+            self._add_bucket(current)
+        log.debug("gradient reducer: %d buckets over %d parameters", len(self.buckets), len(self.params))
+
+    def _add_bucket(self, params: list[nn.Parameter]) -> None:
+        offsets, n = [], 0
+        for p in params:
+            offsets.append(n)
+            n += p.numel()
+        buf = torch.zeros(n + len(params), dtype=params[0].dtype, device=params[0].device)
+        b = len(self.buckets)
+        for slot, p in enumerate(params):
+            self._where[id(p)] = (b, slot)
+        self.buckets.append(_Bucket(params, offsets, n, buf))
+
+    # --- public API -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Skip communication inside: gradients accumulate locally in `.grad`."""
+        prev, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = prev
+
+    def remove(self) -> None:
+        """Detach the hooks from the model."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @property
+    def bytes_per_step(self) -> int:
+        """Bytes each rank hands to all-reduce per synchronised step."""
+        if self.mode == "naive":
+            return sum(p.numel() * p.element_size() for p in self.params)
+        return sum(b.buffer.numel() * b.buffer.element_size() for b in self.buckets)
+
+    # --- backward-time machinery -----------------------------------------------------------
+
+    def _on_grad_ready(self, p: nn.Parameter) -> None:
+        if not self._sync or self.world == 1:
+            return
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+        if self.mode == "naive":
+            return
+        b, slot = self._where[id(p)]
+        bucket = self.buckets[b]
+        off = bucket.offsets[slot]
+        bucket.buffer[off:off + p.numel()].copy_(p.grad.reshape(-1))
+        bucket.buffer[bucket.numel + slot] = 1.0
+        bucket.ready.add(slot)
+        # Launch strictly in bucket order so all ranks issue identical collective sequences.
+        for bk in self.buckets:
+            if bk.launched:
+                continue
+            if len(bk.ready) < len(bk.params):
+                break
+            self._launch(bk)
+
+    def _launch(self, bucket: _Bucket) -> None:
+        bucket.work = self.comm_hook(bucket.buffer, self.group)
+        bucket.launched = True
+
+    def _finish(self) -> None:
+        """End of backward: launch what is left, wait, average, and hand gradients back."""
+        self._callback_queued = False
+        if self.mode == "naive":
+            self._finish_naive()
+            return
+        for bucket in self.buckets:
+            if not bucket.launched:
+                # Parameters that produced no gradient in this backward: use what accumulated
+                # earlier (no_sync micro-steps) or contribute zeros with a "not used" flag.
+                for slot, p in enumerate(bucket.params):
+                    if slot in bucket.ready:
+                        continue
+                    off = bucket.offsets[slot]
+                    view = bucket.buffer[off:off + p.numel()]
+                    if p.grad is None:
+                        view.zero_()
+                        bucket.buffer[bucket.numel + slot] = 0.0
+                    else:
+                        view.copy_(p.grad.reshape(-1))
+                        bucket.buffer[bucket.numel + slot] = 1.0
+                self._launch(bucket)
+        for bucket in self.buckets:
+            if bucket.work is not None:
+                bucket.work.wait()
+            grads = bucket.buffer[: bucket.numel]
+            grads.div_(self.world)
+            used = bucket.buffer[bucket.numel:].tolist()  # one host sync per bucket
+            for slot, p in enumerate(bucket.params):
+                if used[slot] == 0:
+                    p.grad = None
+                    continue
+                off = bucket.offsets[slot]
+                view = grads[off:off + p.numel()].view_as(p)
+                if p.grad is None:
+                    p.grad = view.clone()
+                else:
+                    p.grad.copy_(view)
+            bucket.ready.clear()
+            bucket.work = None
+            bucket.launched = False
+
+    def _finish_naive(self) -> None:
+        for p in self.params:
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            flag = torch.tensor([0.0 if p.grad is None else 1.0], dtype=p.dtype, device=p.device)
+            dist.all_reduce(grad, group=self.group)
+            dist.all_reduce(flag, group=self.group)
+            if flag.item() == 0:
+                p.grad = None
+            else:
+                grad.div_(self.world)
+                p.grad = grad

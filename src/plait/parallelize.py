@@ -1,0 +1,60 @@
+"""Apply a parallel layout to an already built plain model.
+
+`parallelize(model, mesh, parallel_cfg)` returns a :class:`ParallelModel` that runs the model
+on this rank's share of the layout. Today the layout is data-parallel (the mesh's dp group
+averages gradients through :class:`~plait.parallel.data.GradientReducer`); tensor and pipeline
+styles plug in here as they arrive, keyed by module names of the plain model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch.nn as nn
+
+from plait.config import ParallelConfig
+from plait.errors import PlanError
+from plait.mesh import ParallelMesh
+from plait.parallel.data import GradientReducer
+
+
+class ParallelModel(nn.Module):
+    """A plain model plus the communication that its mesh layout needs."""
+
+    def __init__(self, module: nn.Module, mesh: ParallelMesh, reducer: GradientReducer | None):
+        super().__init__()
+        self.module = module
+        self.mesh = mesh
+        self.reducer = reducer
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally (for all but the last micro-step)."""
+        if self.reducer is None:
+            yield
+        else:
+            with self.reducer.no_sync():
+                yield
+
+
+def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig | None = None) -> ParallelModel:
+    """Wrap `model` for `mesh`; the model must already be on `mesh.device`."""
+    cfg = cfg or ParallelConfig()
+    if mesh.tp_size > 1 or mesh.pp_size > 1:
+        raise PlanError(
+            f"mesh has tp={mesh.tp_size}, pp={mesh.pp_size}; this version parallelizes over dp only"
+        )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise PlanError("the model has no trainable parameters; nothing to parallelize")
+    reducer = None
+    if mesh.dp_size > 1:
+        reducer = GradientReducer(model, mesh.dp_group, bucket_mb=cfg.bucket_mb, mode=cfg.reducer)
+    return ParallelModel(model, mesh, reducer)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, ParallelModel) else model

@@ -1,0 +1,40 @@
+"""Terminal progress for the CLI: a rich progress bar and eval lines (main rank only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from plait.train.trainer import Callbacks
+
+
+def progress_callbacks(console: Console | None = None) -> Callbacks:
+    console = console or Console(stderr=True)
+    bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]:.3f}  {task.fields[tps]:,.0f} tok/s"),
+                   TimeRemainingColumn(), console=console, transient=False)
+    task: dict[str, Any] = {}
+
+    def on_start(info: dict[str, Any]) -> None:
+        resumed = f", resumed from {info['resumed_from']}" if info["resumed_from"] else ""
+        console.print(f"mesh {info['mesh']}, {info['params']:,} parameters, "
+                      f"{info['tokens_per_step']:,} tokens/step{resumed}")
+        bar.start()
+        task["id"] = bar.add_task("train", total=info["steps"], completed=info["start_step"],
+                                  loss=float("nan"), tps=0.0)
+
+    def on_step(rec: dict[str, Any]) -> None:
+        bar.update(task["id"], completed=rec["step"], loss=rec["loss"], tps=rec["tokens_per_s"])
+
+    def on_eval(rec: dict[str, Any]) -> None:
+        bar.console.print(f"step {rec['step']:>5}  train loss {rec['loss']:.3f}  "
+                          f"held-out loss {rec['val_loss']:.3f}")
+
+    def on_end(summary: dict[str, Any]) -> None:
+        bar.stop()
+        if summary.get("checkpoint"):
+            console.print(f"checkpoint: {summary['checkpoint']}")
+
+    return Callbacks(on_start=on_start, on_step=on_step, on_eval=on_eval, on_end=on_end)

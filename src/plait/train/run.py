@@ -1,0 +1,65 @@
+"""One training process: what `plait train` starts N times, and what torchrun runs.
+
+    torchrun --nproc-per-node 4 -m plait.train.run examples/tiny_gpt.toml --set train.steps=50
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from plait.config import Config, load_config, validate
+from plait.data.dataset import load_token_splits
+from plait.mesh import ParallelMesh
+from plait.train.trainer import Callbacks, Trainer
+
+log = logging.getLogger(__name__)
+
+
+def configure_threads() -> None:
+    """Share the CPU cores between the local processes instead of oversubscribing them."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def train_process(cfg_dict: dict[str, Any], show_progress: bool = False) -> dict[str, Any]:
+    """Train on this process's share of the mesh; returns the summary (without history)."""
+    cfg = Config.from_dict(cfg_dict)
+    configure_threads()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if cfg.train.device == "cpu":
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    mesh = ParallelMesh.from_env(dp=cfg.parallel.dp, pp=cfg.parallel.pp, tp=cfg.parallel.tp)
+    try:
+        validate(cfg, mesh.world_size)
+        train, val = load_token_splits(cfg.data.path, cfg.model.block_size, cfg.data.val_fraction,
+                                       cfg.data.cache_dir or None)
+        callbacks = Callbacks()
+        if show_progress and mesh.is_main:
+            from plait.progress import progress_callbacks
+            callbacks = progress_callbacks()
+        trainer = Trainer(cfg, mesh, train, val, callbacks)
+        summary = trainer.fit()
+        summary.pop("history", None)
+        return summary
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="one plait training process (run under torchrun)")
+    parser.add_argument("config")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    train_process(cfg.to_dict(), show_progress=True)
+
+
+if __name__ == "__main__":
+    main()

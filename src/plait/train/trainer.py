@@ -1,0 +1,245 @@
+"""The training loop: micro-batches, gradient accumulation, clipping, schedule, eval, checkpoints.
+
+The trainer never prints. It logs, writes metrics, and calls the callbacks it is given (the CLI
+passes a progress bar on the main rank).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from plait.config import Config
+from plait.data.dataset import TokenDataset
+from plait.data.sampler import ElasticSampler
+from plait.errors import CheckpointError
+from plait.mesh import ParallelMesh
+from plait.models import GPT
+from plait.parallelize import ParallelModel, parallelize, unwrap
+from plait.train.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from plait.train.metrics import MetricsWriter, device_peak_flops, mfu
+from plait.train.optim import build_optimizer, lr_at
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Callbacks:
+    """Hooks the trainer calls on the main rank (all optional)."""
+
+    on_start: Callable[[dict[str, Any]], None] | None = None
+    on_step: Callable[[dict[str, Any]], None] | None = None
+    on_eval: Callable[[dict[str, Any]], None] | None = None
+    on_end: Callable[[dict[str, Any]], None] | None = None
+
+
+def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    if cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+class Trainer:
+    """Trains a GPT on `train_data` over `mesh`; resumes from checkpoints as configured."""
+
+    def __init__(self, cfg: Config, mesh: ParallelMesh, train_data: TokenDataset,
+                 val_data: TokenDataset, callbacks: Callbacks | None = None):
+        self.cfg = cfg
+        self.mesh = mesh
+        self.device = mesh.device
+        self.train_data, self.val_data = train_data, val_data
+        self.callbacks = callbacks or Callbacks()
+        self.out_dir = Path(cfg.train.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        t = cfg.train
+
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        model = GPT(cfg.model).to(self.device)
+        self.model: ParallelModel = parallelize(model, mesh, cfg.parallel)
+        self.optimizer = build_optimizer(model, t, self.device)
+        self.autocast_dtype = resolve_dtype(cfg, self.device)
+        self.sampler = ElasticSampler(len(train_data), mesh.dp_size, mesh.dp_rank,
+                                      t.micro_batch_size, seed=t.seed)
+        self.step = 0
+        # Dropout streams differ per rank, like independent devices would.
+        torch.manual_seed(t.seed + 7919 * (mesh.rank + 1))
+        self.resumed_from: Path | None = None
+        self._resume()
+        self.metrics = MetricsWriter(self.out_dir, enabled=mesh.is_main)
+        self.flops_per_token = model.flops_per_token(cfg.model.block_size)
+        self.peak_flops = device_peak_flops(self.device)
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        choice = self.cfg.checkpoint.resume
+        if choice == "none":
+            return
+        if choice == "auto":
+            path = latest_valid_checkpoint(self.ckpt_dir)
+            if path is None:
+                return
+        else:
+            path = Path(choice)
+        self.load(path)
+
+    def load(self, path: str | Path) -> None:
+        """Restore model, optimizer, sampler position, RNG and step from a checkpoint."""
+        parts = load_checkpoint(path, map_location=self.device)
+        missing = {"model", "optim", "state"} - set(parts)
+        if missing:
+            raise CheckpointError(f"checkpoint {str(path)!r} lacks {', '.join(sorted(missing))}")
+        try:
+            unwrap(self.model).load_state_dict(parts["model"])
+            self.optimizer.load_state_dict(parts["optim"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} does not fit this model/optimizer (check [model]): {exc}"
+            ) from None
+        state = parts["state"]
+        self.step = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        rng = state.get("rng", [])
+        if len(rng) == self.mesh.world_size:
+            torch.set_rng_state(rng[self.mesh.rank].cpu())
+        else:
+            log.info("world size changed (%d -> %d): dropout RNG streams are re-seeded",
+                     len(rng), self.mesh.world_size)
+            torch.manual_seed(self.cfg.train.seed + 7919 * (self.mesh.rank + 1) + self.step)
+        self.resumed_from = Path(path)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (main rank writes; all ranks take part)."""
+        rng = torch.get_rng_state()
+        if dist.is_initialized() and self.mesh.world_size > 1:
+            states: list[Any] = [None] * self.mesh.world_size
+            dist.all_gather_object(states, rng)
+        else:
+            states = [rng]
+        path = None
+        if self.mesh.is_main:
+            state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": states,
+                     "config": self.cfg.to_dict(), "mesh": vars(self.mesh.shape)}
+            path = save_checkpoint(self.ckpt_dir, self.step,
+                                   {"model": unwrap(self.model).state_dict(),
+                                    "optim": self.optimizer.state_dict(), "state": state},
+                                   keep=self.cfg.checkpoint.keep)
+        self.mesh.barrier()
+        return path
+
+    # --- steps ------------------------------------------------------------------------------
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x
+
+    def _autocast(self):
+        if self.autocast_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over grad_accum micro-batches; returns loss, lr and grad norm."""
+        t = self.cfg.train
+        lr = lr_at(self.step, t)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for micro in range(t.grad_accum):
+            x, y = self.train_data.batch(self.sampler.next_indices())
+            x, y = self._to_device(x), self._to_device(y)
+            last = micro == t.grad_accum - 1
+            with (contextlib.nullcontext() if last else self.model.no_sync()):
+                with self._autocast():
+                    _, loss = self.model(x, y)
+                (loss / t.grad_accum).backward()
+            total += loss.detach()
+        if t.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(unwrap(self.model).parameters(), t.grad_clip)
+        else:
+            norm = torch.zeros((), device=self.device)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        loss = total / t.grad_accum
+        if self.mesh.dp_size > 1:  # report the global mean loss, as one process would see it
+            dist.all_reduce(loss, group=self.mesh.dp_group)
+            loss /= self.mesh.dp_size
+        return {"loss": loss.item(), "lr": lr, "grad_norm": float(norm)}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean held-out loss over `eval_batches` fixed batches, split across dp ranks."""
+        t = self.cfg.train
+        model = unwrap(self.model)
+        model.eval()
+        n = len(self.val_data)
+        per_batch = t.micro_batch_size
+        total = torch.zeros((), device=self.device)
+        for b in range(t.eval_batches):
+            start = (b * self.mesh.dp_size + self.mesh.dp_rank) * per_batch
+            idx = [(start + i) % n for i in range(per_batch)]
+            x, y = self.val_data.batch(idx)
+            with self._autocast():
+                _, loss = model(self._to_device(x), self._to_device(y))
+            total += loss.float()
+        model.train()
+        total /= t.eval_batches
+        if self.mesh.dp_size > 1:
+            dist.all_reduce(total, group=self.mesh.dp_group)
+            total /= self.mesh.dp_size
+        return total.item()
+
+    def fit(self) -> dict[str, Any]:
+        """Train until `train.steps`; returns a summary (final losses, throughput)."""
+        t, c = self.cfg.train, self.cfg.checkpoint
+        tokens_per_step = t.micro_batch_size * t.grad_accum * self.mesh.dp_size * self.cfg.model.block_size
+        main = self.mesh.is_main
+        if main and self.callbacks.on_start:
+            self.callbacks.on_start({"start_step": self.step, "steps": t.steps,
+                                     "params": unwrap(self.model).num_params(),
+                                     "resumed_from": str(self.resumed_from or ""),
+                                     "mesh": repr(self.mesh.shape), "tokens_per_step": tokens_per_step})
+        self.model.train()
+        last_val = None
+        history: list[dict[str, Any]] = []
+        t0 = time.perf_counter()
+        start_step = self.step
+        while self.step < t.steps:
+            ts = time.perf_counter()
+            out = self.train_step()
+            dt = time.perf_counter() - ts
+            record = {"step": self.step, **out, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt}
+            m = mfu(self.flops_per_token, record["tokens_per_s"], self.peak_flops, self.mesh.world_size)
+            if m is not None:
+                record["mfu"] = m
+            if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
+                last_val = self.evaluate()
+                record["val_loss"] = last_val
+                if main and self.callbacks.on_eval:
+                    self.callbacks.on_eval(record)
+            history.append(record)
+            if self.step % t.log_interval == 0 or "val_loss" in record or self.step == t.steps:
+                self.metrics.write(record)
+            if main and self.callbacks.on_step:
+                self.callbacks.on_step(record)
+            if c.interval and self.step % c.interval == 0 and self.step < t.steps:
+                self.save()
+        elapsed = time.perf_counter() - t0
+        final = self.save() if self.step > start_step or self.resumed_from is None else None
+        self.metrics.close()
+        summary = {"step": self.step, "history": history, "final_val_loss": last_val,
+                   "checkpoint": str(final) if final else None,
+                   "tokens_per_s": tokens_per_step * (self.step - start_step) / elapsed if elapsed else 0.0}
+        if main and self.callbacks.on_end:
+            self.callbacks.on_end(summary)
+        return summary
