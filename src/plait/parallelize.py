@@ -9,7 +9,9 @@ styles plug in here as they arrive, keyed by module names of the plain model.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
+
+import torch
 
 import torch.nn as nn
 
@@ -39,6 +41,38 @@ class ParallelModel(nn.Module):
         else:
             with self.reducer.no_sync():
                 yield
+
+    def forward_backward(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                         autocast: Callable[[], contextlib.AbstractContextManager] | None = None
+                         ) -> torch.Tensor:
+        """Forward and backward over this rank's micro-batches; returns their mean loss (detached).
+
+        Gradients are those of the mean loss, reduced over the layout's groups when this returns.
+        Strategies with their own schedule (pipelines) override this.
+        """
+        autocast = autocast or contextlib.nullcontext
+        n = len(micro_batches)
+        total = torch.zeros((), device=self.mesh.device)
+        for i, (x, y) in enumerate(micro_batches):
+            with (contextlib.nullcontext() if i == n - 1 else self.no_sync()):
+                with autocast():
+                    _, loss = self.module(x, y)
+                (loss / n).backward()
+            total += loss.detach().float()
+        return total / n
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip gradients to a global L2 norm over the whole model; returns the norm before clipping.
+
+        With data parallelism every rank holds the full averaged gradient, so the local norm is
+        the global one. Strategies that shard gradients override this to reduce over their groups.
+        """
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if max_norm <= 0:
+            if not params:
+                return torch.zeros((), device=self.mesh.device)
+            return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig | None = None) -> ParallelModel:

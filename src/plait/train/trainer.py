@@ -153,24 +153,15 @@ class Trainer:
         lr = lr_at(self.step, t)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total = torch.zeros((), device=self.device)
-        for micro in range(t.grad_accum):
+        batches = []
+        for _ in range(t.grad_accum):
             x, y = self.train_data.batch(self.sampler.next_indices())
-            x, y = self._to_device(x), self._to_device(y)
-            last = micro == t.grad_accum - 1
-            with (contextlib.nullcontext() if last else self.model.no_sync()):
-                with self._autocast():
-                    _, loss = self.model(x, y)
-                (loss / t.grad_accum).backward()
-            total += loss.detach()
-        if t.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(unwrap(self.model).parameters(), t.grad_clip)
-        else:
-            norm = torch.zeros((), device=self.device)
+            batches.append((self._to_device(x), self._to_device(y)))
+        loss = self.model.forward_backward(batches, self._autocast)
+        norm = self.model.clip_grad_norm_(t.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        loss = total / t.grad_accum
         if self.mesh.dp_size > 1:  # report the global mean loss, as one process would see it
             dist.all_reduce(loss, group=self.mesh.dp_group)
             loss /= self.mesh.dp_size
