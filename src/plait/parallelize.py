@@ -9,16 +9,17 @@ styles plug in here as they arrive, keyed by module names of the plain model.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 import torch.nn as nn
 
-from plait.config import ParallelConfig
+from plait.config import ParallelConfig, TrainConfig
 from plait.errors import PlanError
 from plait.mesh import ParallelMesh
 from plait.parallel.data import GradientReducer
+from plait.train.optim import build_optimizer
 
 
 class ParallelModel(nn.Module):
@@ -60,6 +61,26 @@ class ParallelModel(nn.Module):
                 (loss / n).backward()
             total += loss.detach().float()
         return total / n
+
+    def build_optimizer(self, cfg: TrainConfig) -> torch.optim.Optimizer:
+        """The optimizer for this rank's parameters (sharding strategies return their own)."""
+        return build_optimizer(self.module, cfg, self.mesh.device)
+
+    def checkpoint_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        """Model and optimizer state in a layout-independent form, for a checkpoint.
+
+        Collective: every rank calls it; the main rank gets {"model": ..., "optim": ...}, the
+        others None. With plain data parallelism each rank already holds everything. Strategies
+        that shard state gather it here, so a checkpoint loads under any other layout.
+        """
+        if not self.mesh.is_main:
+            return None
+        return {"model": self.module.state_dict(), "optim": optimizer.state_dict()}
+
+    def load_checkpoint_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`checkpoint_state`: every rank takes its share of the full state."""
+        self.module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optim"])
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip gradients to a global L2 norm over the whole model; returns the norm before clipping.

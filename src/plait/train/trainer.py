@@ -25,7 +25,7 @@ from plait.models import GPT
 from plait.parallelize import ParallelModel, parallelize, unwrap
 from plait.train.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from plait.train.metrics import MetricsWriter, device_peak_flops, mfu
-from plait.train.optim import build_optimizer, lr_at
+from plait.train.optim import lr_at
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Trainer:
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = GPT(cfg.model).to(self.device)
         self.model: ParallelModel = parallelize(model, mesh, cfg.parallel)
-        self.optimizer = build_optimizer(model, t, self.device)
+        self.optimizer = self.model.build_optimizer(t)
         self.autocast_dtype = resolve_dtype(cfg, self.device)
         self.sampler = ElasticSampler(len(train_data), mesh.dp_size, mesh.dp_rank,
                                       t.micro_batch_size, seed=t.seed)
@@ -97,8 +97,7 @@ class Trainer:
         if missing:
             raise CheckpointError(f"checkpoint {str(path)!r} lacks {', '.join(sorted(missing))}")
         try:
-            unwrap(self.model).load_state_dict(parts["model"])
-            self.optimizer.load_state_dict(parts["optim"])
+            self.model.load_checkpoint_state(self.optimizer, parts)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(
                 f"checkpoint {str(path)!r} does not fit this model/optimizer (check [model]): {exc}"
@@ -125,12 +124,11 @@ class Trainer:
         else:
             states = [rng]
         path = None
+        parts = self.model.checkpoint_state(self.optimizer)  # collective
         if self.mesh.is_main:
             state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": states,
                      "config": self.cfg.to_dict(), "mesh": vars(self.mesh.shape)}
-            path = save_checkpoint(self.ckpt_dir, self.step,
-                                   {"model": unwrap(self.model).state_dict(),
-                                    "optim": self.optimizer.state_dict(), "state": state},
+            path = save_checkpoint(self.ckpt_dir, self.step, {**parts, "state": state},
                                    keep=self.cfg.checkpoint.keep)
         self.mesh.barrier()
         return path
