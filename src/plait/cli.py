@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except PlaitError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False, markup=True)
         return 2
 
 

@@ -154,7 +154,6 @@ class GradientReducer:
         bucket = self.buckets[b]
         off = bucket.offsets[slot]
         bucket.buffer[off:off + p.numel()].copy_(p.grad.reshape(-1))
-        bucket.buffer[bucket.numel + slot] = 1.0
         bucket.ready.add(slot)
         # Launch strictly in bucket order so all ranks issue identical collective sequences.
         for bk in self.buckets:
@@ -162,6 +161,7 @@ class GradientReducer:
                 continue
             if len(bk.ready) < len(bk.params):
                 break
+            bk.buffer[bk.numel:].fill_(1.0)  # every parameter of a full bucket was used
             self._launch(bk)
 
     def _launch(self, bucket: _Bucket) -> None:
@@ -180,6 +180,7 @@ class GradientReducer:
                 # earlier (no_sync micro-steps) or contribute zeros with a "not used" flag.
                 for slot, p in enumerate(bucket.params):
                     if slot in bucket.ready:
+                        bucket.buffer[bucket.numel + slot] = 1.0
                         continue
                     off = bucket.offsets[slot]
                     view = bucket.buffer[off:off + p.numel()]
@@ -201,11 +202,10 @@ class GradientReducer:
                     p.grad = None
                     continue
                 off = bucket.offsets[slot]
-                view = grads[off:off + p.numel()].view_as(p)
-                if p.grad is None:
-                    p.grad = view.clone()
-                else:
-                    p.grad.copy_(view)
+                # The averaged gradient is handed over as a view of the bucket (no copy back).
+                # The next backward writes into a fresh or zeroed .grad, whose hook copies it in
+                # again, so reusing the bucket memory is safe in both zero_grad modes.
+                p.grad = grads[off:off + p.numel()].view_as(p)
             bucket.ready.clear()
             bucket.work = None
             bucket.launched = False

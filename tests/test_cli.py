@@ -1,0 +1,64 @@
+"""The `plait` command end to end: a real 2-process launch, sampling, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+from plait.cli import main
+from tests.helpers import tiny_text
+
+
+def write_config(tmp_path, **train):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(tiny_text())
+    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in train.items())
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        "[model]\nn_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 16\n"
+        f"[data]\npath = {json.dumps(str(corpus))}\nval_fraction = 0.1\n"
+        f"[train]\nsteps = 6\nmicro_batch_size = 4\neval_interval = 3\nwarmup_steps = 1\nlog_interval = 1\n"
+        f"out_dir = {json.dumps(str(tmp_path / 'run'))}\n{extra}"
+        "[checkpoint]\nresume = \"none\"\n"
+    )
+    return cfg
+
+
+def test_train_on_two_processes_then_generate(tmp_path, capsys):
+    cfg = write_config(tmp_path)
+    assert main(["train", str(cfg), "--nproc", "2", "--set", "train.lr=0.005"]) == 0
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "lr", "tokens_per_s", "grad_norm"} <= records[0].keys()
+    assert "val_loss" in records[2] and "val_loss" in records[5]
+    assert (run / "checkpoints" / "step_00000006" / "manifest.json").is_file()
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "the ", "--max-new-tokens", "20", "--seed", "3"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("the ") and len(first.encode()) >= 20
+    main(["generate", str(run), "--prompt", "the ", "--max-new-tokens", "20", "--seed", "3"])
+    assert capsys.readouterr().out == first  # same seed, same text
+
+
+def test_bad_config_fails_before_launch(tmp_path, capsys):
+    cfg = write_config(tmp_path)
+    assert main(["train", str(cfg), "--nproc", "2", "--set", "train.steps=0"]) == 2
+    assert "train.steps=0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_mesh_that_does_not_fit_nproc(tmp_path, capsys):
+    cfg = write_config(tmp_path)
+    assert main(["train", str(cfg), "--nproc", "3", "--set", "parallel.dp=2"]) == 2
+    assert "world size 3" in capsys.readouterr().err
+
+
+def test_bad_corpus_path_fails_before_launch(tmp_path, capsys):
+    cfg = write_config(tmp_path)
+    assert main(["train", str(cfg), "--set", f"data.path={tmp_path / 'nope'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_generate_from_nothing(tmp_path, capsys):
+    assert main(["generate", str(tmp_path)]) == 2
+    assert "no valid checkpoint" in capsys.readouterr().err
