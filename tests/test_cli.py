@@ -28,9 +28,10 @@ def test_train_on_two_processes_then_generate(tmp_path, capsys):
     assert main(["train", str(cfg), "--nproc", "2", "--set", "train.lr=0.005"]) == 0
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-    assert {"loss", "lr", "tokens_per_s", "grad_norm"} <= records[0].keys()
-    assert "val_loss" in records[2] and "val_loss" in records[5]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5, 6]
+    assert set(records[0]) == {"step", "val_loss"}  # the held-out loss before training
+    assert {"loss", "lr", "tokens_per_s", "grad_norm"} <= records[1].keys()
+    assert "val_loss" in records[3] and "val_loss" in records[6]
     assert (run / "checkpoints" / "step_00000006" / "manifest.json").is_file()
     capsys.readouterr()
     assert main(["generate", str(run), "--prompt", "the ", "--max-new-tokens", "20", "--seed", "3"]) == 0

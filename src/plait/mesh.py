@@ -38,6 +38,9 @@ class MeshShape:
     def world_size(self) -> int:
         return self.dp * self.pp * self.tp
 
+    def __str__(self) -> str:
+        return f"mesh dp={self.dp} × pp={self.pp} × tp={self.tp}"
+
     def coords(self, rank: int) -> dict[str, int]:
         """This rank's index along each dimension."""
         return {

@@ -19,7 +19,7 @@ def progress_callbacks(console: Console | None = None) -> Callbacks:
 
     def on_start(info: dict[str, Any]) -> None:
         resumed = f", resumed from {info['resumed_from']}" if info["resumed_from"] else ""
-        console.print(f"mesh {info['mesh']}, {info['params']:,} parameters, "
+        console.print(f"{info['mesh']}, {info['params']:,} parameters, "
                       f"{info['tokens_per_step']:,} tokens/step{resumed}")
         bar.start()
         task["id"] = bar.add_task("train", total=info["steps"], completed=info["start_step"],
@@ -29,8 +29,8 @@ def progress_callbacks(console: Console | None = None) -> Callbacks:
         bar.update(task["id"], completed=rec["step"], loss=rec["loss"], tps=rec["tokens_per_s"])
 
     def on_eval(rec: dict[str, Any]) -> None:
-        bar.console.print(f"step {rec['step']:>5}  train loss {rec['loss']:.3f}  "
-                          f"held-out loss {rec['val_loss']:.3f}")
+        train = f"train loss {rec['loss']:.3f}  " if "loss" in rec else ""
+        bar.console.print(f"step {rec['step']:>5}  {train}held-out loss {rec['val_loss']:.3f}")
 
     def on_end(summary: dict[str, Any]) -> None:
         bar.stop()

@@ -197,10 +197,15 @@ class Trainer:
             self.callbacks.on_start({"start_step": self.step, "steps": t.steps,
                                      "params": unwrap(self.model).num_params(),
                                      "resumed_from": str(self.resumed_from or ""),
-                                     "mesh": repr(self.mesh.shape), "tokens_per_step": tokens_per_step})
+                                     "mesh": str(self.mesh.shape), "tokens_per_step": tokens_per_step})
         self.model.train()
         last_val = None
         history: list[dict[str, Any]] = []
+        if t.eval_interval and self.step == 0:  # the starting point of the held-out curve
+            first = {"step": 0, "val_loss": self.evaluate()}
+            self.metrics.write(first)
+            if main and self.callbacks.on_eval:
+                self.callbacks.on_eval(first)
         t0 = time.perf_counter()
         start_step = self.step
         while self.step < t.steps:
