@@ -1,0 +1,199 @@
+"""Splitting an ordered layer list into contiguous pipeline chunks, balanced by a chosen cost.
+
+Costs per layer: "params" (parameter count), "flops" (training FLOPs per sample: analytic where
+the model gives them, else counted by torch's FlopCounterMode) or "time" (measured forward +
+backward on an example batch; rank 0's measurement is broadcast so every rank splits alike).
+
+Non-interleaved schedules cut the layers into p chunks minimising the most expensive chunk.
+Interleaved schedules cut the repeated blocks evenly into p·v chunks, as Megatron-LM does (its
+schedule assumes equal chunks); the layers before the blocks join the first chunk and those after
+join the last. Chunk g runs on pipeline rank g mod p.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from plait.errors import PlanError
+from plait.parallel.pipeline.layers import PipelineSpec
+
+COSTS = ("params", "flops", "time")
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Which layers each chunk holds; chunk g runs on pipeline rank g mod `stages`."""
+
+    names: tuple[str, ...]          # layer names, in order
+    costs: tuple[float, ...]        # per layer
+    bounds: tuple[tuple[int, int], ...]  # per chunk: [start, end) layer indices
+    stages: int                     # pipeline ranks p
+    cost: str                       # which cost balanced it ("even" for interleaved splits)
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.bounds)
+
+    @property
+    def virtual_stages(self) -> int:
+        return self.num_chunks // self.stages
+
+    def rank_of(self, chunk: int) -> int:
+        return chunk % self.stages
+
+    def chunks_of(self, rank: int) -> list[int]:
+        return list(range(rank, self.num_chunks, self.stages))
+
+    def chunk_cost(self, chunk: int) -> float:
+        a, b = self.bounds[chunk]
+        return sum(self.costs[a:b])
+
+    def __str__(self) -> str:
+        total = sum(self.costs) or 1.0
+        lines = [f"pipeline partition: {self.num_chunks} chunks on {self.stages} stages, "
+                 f"balanced by {self.cost}"]
+        for g, (a, b) in enumerate(self.bounds):
+            names = self.names[a] if b - a == 1 else f"{self.names[a]} .. {self.names[b - 1]}"
+            lines.append(f"  chunk {g} (stage {self.rank_of(g)}): layers {a}-{b - 1} [{names}] "
+                         f"cost {self.chunk_cost(g):.4g} ({100 * self.chunk_cost(g) / total:.1f}%)")
+        return "\n".join(lines)
+
+
+def balance(costs: list[float], parts: int) -> list[tuple[int, int]]:
+    """Contiguous split of `costs` into `parts` non-empty runs minimising the largest run's sum.
+
+    Dynamic programme over (layers used, parts used); ties go to the earliest cut, so every rank
+    computes the same split.
+    """
+    n = len(costs)
+    if parts > n:
+        raise PlanError(f"{parts} pipeline chunks need at least {parts} layers; the model has {n}")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][i]: the smallest possible maximum when the first i layers form k parts.
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0.0
+    for k in range(1, parts + 1):
+        for i in range(k, n - (parts - k) + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value < best[k][i] - 1e-12 * max(1.0, abs(value)):
+                    best[k][i], cut[k][i] = value, j
+    bounds, i = [], n
+    for k in range(parts, 0, -1):
+        j = cut[k][i]
+        bounds.append((j, i))
+        i = j
+    return bounds[::-1]
+
+
+def even_blocks(spec: PipelineSpec, chunks: int) -> list[tuple[int, int]]:
+    """Blocks split evenly into `chunks`; leading layers join the first, trailing the last."""
+    if spec.num_blocks % chunks:
+        raise PlanError(f"{spec.num_blocks} blocks do not split evenly into {chunks} chunks")
+    per = spec.num_blocks // chunks
+    starts = [spec.first_block + g * per for g in range(chunks)]
+    ends = starts[1:] + [len(spec)]
+    starts[0] = 0
+    return list(zip(starts, ends))
+
+
+def layer_costs(spec: PipelineSpec, cost: str, group: "dist.ProcessGroup | None" = None) -> list[float]:
+    """Each layer's cost; "time" is measured here and broadcast from the group's first rank."""
+    if cost == "params":
+        return [float(sum(p.numel() for p in layer.module.parameters())) for layer in spec.layers]
+    if cost == "flops":
+        return _flops(spec)
+    if cost == "time":
+        times = _measure_times(spec)
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            box = [times]
+            dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+            times = box[0]
+        return times
+    raise PlanError(f"parallel.partition={cost!r} is invalid; valid: {', '.join(COSTS)}")
+
+
+def _flops(spec: PipelineSpec) -> list[float]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    out, x = [], spec.example_input(1)
+    for layer in spec.layers:
+        y = _run_layer(layer.module, x)
+        if layer.flops_per_sample is not None:
+            out.append(float(layer.flops_per_sample))
+        else:
+            with FlopCounterMode(display=False) as counter:
+                _run_layer(layer.module, x, backward=True)
+            out.append(float(counter.get_total_flops()))
+        x = y
+    return out
+
+
+def _measure_times(spec: PipelineSpec, repeats: int = 3) -> list[float]:
+    out, x = [], spec.example_input(1)
+    for layer in spec.layers:
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            _run_layer(layer.module, x, backward=True)
+            samples.append(time.perf_counter() - t0)
+        out.append(statistics.median(samples))
+        x = _run_layer(layer.module, x)
+    return out
+
+
+def _run_layer(module: torch.nn.Module, x: torch.Tensor, backward: bool = False) -> torch.Tensor:
+    """Forward (and backward of the output's sum) in eval mode, leaving no gradients behind."""
+    was_training = module.training
+    module.eval()  # no dropout: measuring must not draw from the RNG
+    try:
+        if not backward:
+            with torch.no_grad():
+                return module(x)
+        inp = x.detach().requires_grad_(x.is_floating_point())
+        y = module(inp)
+        y.float().sum().backward()
+        for p in module.parameters():
+            p.grad = None
+        return y.detach()
+    finally:
+        module.train(was_training)
+
+
+def make_partition(spec: PipelineSpec, stages: int, virtual_stages: int = 1, cost: str = "params",
+                   interleaved: bool = False, group: "dist.ProcessGroup | None" = None) -> Partition:
+    """Partition `spec` for `stages` pipeline ranks (× `virtual_stages` chunks each when interleaved)."""
+    if cost not in COSTS:
+        raise PlanError(f"parallel.partition={cost!r} is invalid; valid: {', '.join(COSTS)}")
+    check_layers(len(spec), spec.num_blocks, stages, virtual_stages, interleaved)
+    costs = layer_costs(spec, cost, group)
+    if interleaved:
+        bounds, label = even_blocks(spec, stages * virtual_stages), f"even blocks ({cost} shown)"
+    else:
+        bounds, label = balance(costs, stages), cost
+    return Partition(tuple(spec.names), tuple(costs), tuple(bounds), stages, label)
+
+
+def check_layers(num_layers: int, num_blocks: int, stages: int, virtual_stages: int,
+                 interleaved: bool) -> None:
+    """The layer-count rules, shared with config validation so bad layouts fail before training."""
+    if stages > num_layers:
+        raise PlanError(
+            f"parallel.pp={stages} stages exceed the model's {num_layers} pipeline layers "
+            f"(embedding, {num_blocks} blocks, head); use parallel.pp ≤ {num_layers}"
+        )
+    if interleaved and num_blocks % (stages * virtual_stages):
+        raise PlanError(
+            f"parallel.virtual_stages={virtual_stages} with parallel.pp={stages} needs the "
+            f"{num_blocks} blocks (model.n_layer) to be a multiple of pp × virtual_stages = "
+            f"{stages * virtual_stages}, so every chunk holds the same number of blocks"
+        )

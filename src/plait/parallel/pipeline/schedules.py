@@ -1,0 +1,166 @@
+"""Pipeline schedules as per-rank action lists, their rules, and their theoretical bubbles.
+
+An action is F (forward) or B (backward) of one micro-batch through one chunk. Every rank runs
+its list in order; the runtime adds the point-to-point transfers each action implies. A schedule
+is valid when every rank's order respects the data dependencies (F of chunk g after F of g-1,
+B of g after B of g+1 and F of g); :func:`simulate` checks that and counts stashed activations.
+
+- naive: one micro-batch at a time through all stages, forward then backward (plain model
+  split with gradient accumulation; one stage busy at a time).
+- gpipe: all forwards, then all backwards (Huang et al. 2019). Stashes m micro-batches.
+- 1f1b: PipeDream-Flush (Narayanan et al. 2021): p - rank - 1 warm-up forwards, then alternate
+  one forward and one backward. Stashes at most p micro-batches.
+- interleaved: 1F1B over v chunks per rank (Megatron-LM's virtual pipeline); needs m % p == 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from plait.errors import ConfigError
+
+SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved")
+
+
+@dataclass(frozen=True)
+class Action:
+    """`kind` "F" or "B" of micro-batch `mb` through global chunk `chunk`."""
+
+    kind: str
+    chunk: int
+    mb: int
+
+    def __repr__(self) -> str:
+        return f"{self.kind}{self.chunk}.{self.mb}"
+
+
+def check_schedule(schedule: str, stages: int, virtual_stages: int = 1,
+                   microbatches: int | None = None) -> None:
+    """Raise ConfigError naming the field when (schedule, p, v[, m]) cannot run."""
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"parallel.schedule={schedule!r} is invalid; valid: {', '.join(SCHEDULES)}")
+    if virtual_stages < 1:
+        raise ConfigError(f"parallel.virtual_stages={virtual_stages} must be ≥ 1")
+    if virtual_stages > 1 and schedule != "interleaved":
+        raise ConfigError(
+            f"parallel.virtual_stages={virtual_stages} needs parallel.schedule = \"interleaved\" "
+            f"(got {schedule!r}); use virtual_stages = 1 otherwise"
+        )
+    if microbatches is None:
+        return
+    if microbatches < 1:
+        raise ConfigError(f"the pipeline needs ≥ 1 micro-batch per step, got {microbatches}")
+    if schedule == "interleaved" and microbatches % stages:
+        raise ConfigError(
+            f"the interleaved schedule needs the micro-batches per step (m = {microbatches}) to be a "
+            f"multiple of parallel.pp = {stages}; set train.grad_accum (or parallel.microbatches) "
+            f"to a multiple of {stages}"
+        )
+
+
+def build_schedule(schedule: str, stages: int, microbatches: int, virtual_stages: int,
+                   rank: int) -> list[Action]:
+    """The ordered actions of pipeline rank `rank`."""
+    check_schedule(schedule, stages, virtual_stages, microbatches)
+    p, m = stages, microbatches
+    if schedule == "naive":
+        return [a for mb in range(m) for a in (Action("F", rank, mb), Action("B", rank, mb))]
+    if schedule == "gpipe":
+        return [Action("F", rank, mb) for mb in range(m)] + [Action("B", rank, mb) for mb in range(m)]
+    if schedule == "1f1b":
+        return _one_f_one_b([Action("F", rank, mb) for mb in range(m)],
+                            [Action("B", rank, mb) for mb in range(m)], warmup=min(p - rank - 1, m))
+    return _interleaved(p, m, virtual_stages, rank)
+
+
+def _one_f_one_b(forwards: list[Action], backwards: list[Action], warmup: int) -> list[Action]:
+    """Warm-up forwards, then one forward / one backward pairs, then the remaining backwards."""
+    out = forwards[:warmup]
+    steady = len(forwards) - warmup
+    for i in range(steady):
+        out += [forwards[warmup + i], backwards[i]]
+    return out + backwards[steady:]
+
+
+def _interleaved(p: int, m: int, v: int, rank: int) -> list[Action]:
+    """Megatron-LM's interleaved 1F1B: virtual micro-batch k maps to (chunk, micro-batch)."""
+    total = m * v
+
+    def action(kind: str, k: int) -> Action:
+        local = (k // p) % v
+        if kind == "B":
+            local = v - 1 - local
+        mb = (k // (p * v)) * p + k % p
+        return Action(kind, local * p + rank, mb)
+
+    # Megatron: with m == p every rank warms up fully (the steady phase would have nothing to pair).
+    warmup = total if m == p else min((p - rank - 1) * 2 + (v - 1) * p, total)
+    return _one_f_one_b([action("F", k) for k in range(total)],
+                        [action("B", k) for k in range(total)], warmup)
+
+
+def theoretical_bubble(schedule: str, stages: int, microbatches: int, virtual_stages: int = 1) -> float:
+    """Idle fraction of the step time with equal stages and free communication.
+
+    naive: (p−1)/p. gpipe, 1f1b: (p−1)/(m+p−1). interleaved: (p−1)/(v·m+p−1). These are the
+    bubble over the *whole* step; Narayanan et al. (2021) quote the same bubble relative to the
+    ideal (bubble-free) time, (p−1)/m and (p−1)/(v·m): see :func:`bubble_vs_ideal`.
+    """
+    p, m, v = stages, microbatches, virtual_stages
+    if schedule == "naive":
+        return (p - 1) / p
+    if schedule != "interleaved":
+        v = 1
+    return (p - 1) / (v * m + p - 1)
+
+
+def bubble_vs_ideal(schedule: str, stages: int, microbatches: int, virtual_stages: int = 1) -> float:
+    """Bubble time / ideal compute time (Narayanan et al. 2021's normalisation)."""
+    b = theoretical_bubble(schedule, stages, microbatches, virtual_stages)
+    return b / (1.0 - b)
+
+
+@dataclass
+class Simulation:
+    """Outcome of running every rank's actions with unit-time forwards and 2-unit backwards."""
+
+    finished: bool
+    makespan: int
+    peak_stashed: list[int]  # per rank: most micro-batch activations held at once
+    busy: list[int]          # per rank: time units computing
+
+
+def simulate(schedule: str, stages: int, microbatches: int, virtual_stages: int = 1,
+             forward_time: int = 1, backward_time: int = 2) -> Simulation:
+    """Event simulation of the schedule; `finished` is False if the ranks would deadlock."""
+    p = stages
+    v = virtual_stages if schedule == "interleaved" else 1
+    chunks = p * v
+    plans = [build_schedule(schedule, p, microbatches, virtual_stages, r) for r in range(p)]
+    pos, free_at = [0] * p, [0] * p
+    done: dict[tuple[str, int, int], int] = {}  # action -> finish time
+    stashed, peak, busy = [0] * p, [0] * p, [0] * p
+    progressed = True
+    while progressed:
+        progressed = False
+        for r in range(p):
+            if pos[r] == len(plans[r]):
+                continue
+            a = plans[r][pos[r]]
+            if a.kind == "F":
+                deps = [("F", a.chunk - 1, a.mb)] if a.chunk > 0 else []
+            else:
+                deps = [("F", a.chunk, a.mb)] + ([("B", a.chunk + 1, a.mb)] if a.chunk < chunks - 1 else [])
+            if not all(d in done for d in deps):
+                continue
+            start = max([free_at[r]] + [done[d] for d in deps])
+            cost = forward_time if a.kind == "F" else backward_time
+            free_at[r] = start + cost
+            busy[r] += cost
+            done[(a.kind, a.chunk, a.mb)] = free_at[r]
+            stashed[r] += 1 if a.kind == "F" else -1
+            peak[r] = max(peak[r], stashed[r])
+            pos[r] += 1
+            progressed = True
+    finished = all(pos[r] == len(plans[r]) for r in range(p))
+    return Simulation(finished, max(free_at), peak, busy)
