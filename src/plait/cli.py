@@ -22,6 +22,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     validate(cfg, args.nproc)
+    if cfg.parallel.ps.servers:
+        return _train_parameter_server(cfg, args.nproc)
     # Build (and cache) the corpus and check the data here, before any process starts.
     with console.status("preparing data"):
         train, val = load_token_splits(cfg.data.path, cfg.model.block_size, cfg.data.val_fraction,
@@ -38,6 +40,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         table.add_row("held-out loss", f"{summary['final_val_loss']:.4f}")
     table.add_row("tokens/s", f"{summary['tokens_per_s']:,.0f}")
     table.add_row("checkpoint", str(summary.get("checkpoint") or "-"))
+    console.print(table)
+    return 0
+
+
+def _train_parameter_server(cfg, nproc: int) -> int:
+    from plait.train.ps_run import run_ps_job
+
+    ps = cfg.parallel.ps
+    console.print(f"parameter server: {ps.servers} server(s), {nproc - ps.servers} worker(s), mode {ps.mode}"
+                  + (f" (staleness ≤ {ps.staleness})" if ps.mode == "ssp" else ""))
+    rows = run_ps_job(cfg, nproc)
+    columns = ("rank", "status", "steps", "MB in", "stale", "ahead", "wait s", "held-out")
+    table = Table(*columns, title=f"parameter-server run ({cfg.train.out_dir}/ps)",
+                  caption="a server's steps are the updates it applied; stale and ahead are maxima")
+    for r in rows:
+        held_out = (f"acc {r['val_accuracy']:.3f}" if "val_accuracy" in r
+                    else f"loss {r['val_loss']:.3f}" if "val_loss" in r else "-")
+        table.add_row(f"{r['role']} {r['rank']}", r.get("status", "served"),
+                      f"{r['steps'] if 'steps' in r else r.get('updates', 0):,}",
+                      f"{r['bytes_received'] / 1e6:.1f}" if "bytes_received" in r else "-",
+                      str(r.get("max_staleness", "-")), str(r.get("max_ahead", "-")),
+                      f"{r['wait_s']:.2f}" if "wait_s" in r else "-", held_out)
     console.print(table)
     return 0
 

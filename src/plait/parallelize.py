@@ -1,9 +1,9 @@
 """Apply a parallel layout to an already built plain model.
 
 `parallelize(model, mesh, parallel_cfg)` returns a :class:`ParallelModel` that runs the model
-on this rank's share of the layout. Today the layout is data-parallel (the mesh's dp group
-averages gradients through :class:`~plait.parallel.data.GradientReducer`); tensor and pipeline
-styles plug in here as they arrive, keyed by module names of the plain model.
+on this rank's share of the layout: gradients averaged over the mesh's dp group
+(:class:`~plait.parallel.data.GradientReducer`, or ZeRO sharding), tensor-parallel styles applied
+by module name (`GPT.plan()`), and pipeline stages cut from the model's layers.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import torch
 
 import torch.nn as nn
 
-from plait.config import ParallelConfig, TrainConfig
+from plait.config import ParallelConfig, TrainConfig, validate_memory_comm
 from plait.errors import PlanError
 from plait.mesh import ParallelMesh
+from plait.parallel.comm_hooks import build_comm_hook
 from plait.parallel.data import GradientReducer
+from plait.parallel.recompute import apply_recompute
 from plait.train.optim import build_optimizer
 
 
@@ -62,6 +64,16 @@ class ParallelModel(nn.Module):
             total += loss.detach().float()
         return total / n
 
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor,
+                  autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> torch.Tensor:
+        """Loss of one held-out batch, on every rank (pipelines run it through their stages)."""
+        with (autocast or contextlib.nullcontext)():
+            return self.module(x, y)[1]
+
+    def step_metrics(self) -> dict[str, Any]:
+        """Strategy-specific figures about the last step for the trainer's metrics (e.g. bubble)."""
+        return {}
+
     def build_optimizer(self, cfg: TrainConfig) -> torch.optim.Optimizer:
         """The optimizer for this rank's parameters (sharding strategies return their own)."""
         return build_optimizer(self.module, cfg, self.mesh.device)
@@ -96,18 +108,37 @@ class ParallelModel(nn.Module):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
-def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig | None = None) -> ParallelModel:
-    """Wrap `model` for `mesh`; the model must already be on `mesh.device`."""
+def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig | None = None,
+                plan: Any = None) -> ParallelModel:
+    """Wrap `model` for `mesh`; the model must already be on `mesh.device`.
+
+    With tp > 1 the model is split in place by `plan` (default: `type(model).plan()`, e.g.
+    `GPT.plan()`), a mapping of module-name patterns to tensor-parallel styles; see
+    plait.parallel.tensor_plan.
+    """
     cfg = cfg or ParallelConfig()
-    if mesh.tp_size > 1 or mesh.pp_size > 1:
-        raise PlanError(
-            f"mesh has tp={mesh.tp_size}, pp={mesh.pp_size}; this version parallelizes over dp only"
-        )
+    validate_memory_comm(cfg, dp=mesh.dp_size)
     if not any(p.requires_grad for p in model.parameters()):
         raise PlanError("the model has no trainable parameters; nothing to parallelize")
+    if mesh.pp_size > 1:  # pipeline stages; with tp > 1 the stages hold tensor-parallel shards
+        from plait.parallel.pipeline.model import PipelineParallelModel
+        return PipelineParallelModel(model, mesh, cfg, plan=plan)
+    if mesh.tp_size > 1:
+        if cfg.zero > 0:  # ZeRO over dp on each tp shard
+            from plait.parallel.zero_tensor import parallelize_zero_tensor
+            return parallelize_zero_tensor(model, mesh, cfg, plan)
+        from plait.parallel.tensor_model import parallelize_tensor
+        return parallelize_tensor(model, mesh, cfg, plan)
+    apply_recompute(model, cfg.recompute)
+    hook = build_comm_hook(cfg, mesh, model)  # compression or hierarchical all-reduce, else None
+    if cfg.zero > 0:
+        from plait.parallel.zero import ZeroModel  # zero.py builds on ParallelModel
+        return ZeroModel(model, mesh, cfg.zero, offload=cfg.offload_optimizer,
+                         bucket_mb=cfg.bucket_mb, comm_hook=hook, reducer_mode=cfg.reducer)
     reducer = None
     if mesh.dp_size > 1:
-        reducer = GradientReducer(model, mesh.dp_group, bucket_mb=cfg.bucket_mb, mode=cfg.reducer)
+        reducer = GradientReducer(model, mesh.dp_group, bucket_mb=cfg.bucket_mb, mode=cfg.reducer,
+                                  comm_hook=hook)
     return ParallelModel(model, mesh, reducer)
 
 

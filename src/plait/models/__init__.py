@@ -1,4 +1,5 @@
 """Plain PyTorch models."""
 from plait.models.gpt import GPT
+from plait.models.mlp import MLPClassifier
 
-__all__ = ["GPT"]
+__all__ = ["GPT", "MLPClassifier"]

@@ -25,10 +25,11 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        # The head count is read off the projection so a tensor-parallel shard with fewer
-        # heads runs the same code.
-        q, k, v = self.qkv(x).view(b, t, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
+        # Sizes are read off the projection, so a tensor-parallel shard with fewer heads (or a
+        # sequence-parallel input holding part of the sequence) runs the same code.
+        qkv = self.qkv(x)
+        b, t, _ = qkv.shape
+        q, k, v = qkv.view(b, t, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )
@@ -72,6 +73,8 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied input and output embeddings
+        # A module, so a parallel plan can swap in a loss that reads vocabulary-sharded logits.
+        self.loss_fn = nn.CrossEntropyLoss()
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
@@ -99,8 +102,35 @@ class GPT(nn.Module):
         logits = self.head(self.ln_f(x))
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        loss = self.loss_fn(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    @staticmethod
+    def plan() -> dict:
+        """The tensor-parallel plan (Megatron-LM): module-name patterns -> styles.
+
+        qkv and the MLP's first layer split by output (qkv per q, k and v, in whole heads), the
+        projections after them by input; the embedding, head and loss split by vocabulary; norms
+        and dropout between blocks split along the sequence under sequence parallelism.
+        """
+        from plait.parallel.tensor_plan import ColumnParallel
+
+        return {
+            "tok_emb": "vocab_embedding",
+            "pos_emb": "position_embedding",
+            "drop": "dropout",
+            "blocks.*.ln1": "sequence_parallel",
+            "blocks.*.attn": "heads",
+            "blocks.*.attn.qkv": ColumnParallel(fused=3),
+            "blocks.*.attn.proj": "row",
+            "blocks.*.ln2": "sequence_parallel",
+            "blocks.*.mlp.fc": "column",
+            "blocks.*.mlp.proj": "row",
+            "blocks.*.drop": "dropout",
+            "ln_f": "sequence_parallel",
+            "head": "vocab_head",
+            "loss_fn": "vocab_loss",
+        }
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
@@ -29,24 +29,48 @@ from plait.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# A communication hook takes a flat bucket (summed in place) and the group; it returns a Work
-# (or None if it finished synchronously). Compression plugs in here.
-CommHook = Callable[[torch.Tensor, "dist.ProcessGroup | None"], "dist.Work | None"]
-
-
-def allreduce_hook(buffer: torch.Tensor, group) -> "dist.Work | None":
-    return dist.all_reduce(buffer, group=group, async_op=True)
-
 
 @dataclass
-class _Bucket:
+class Bucket:
+    """One flat bucket: `buffer` holds the gradients (`grads`), then one used-flag per parameter.
+
+    Communication hooks read the parameter layout (`params`, `offsets`) to treat each gradient
+    on its own (PowerSGD compresses matrices) and must keep the flags exact.
+    """
+
+    index: int
     params: list[nn.Parameter]
     offsets: list[int]
     numel: int
     buffer: torch.Tensor  # grads, then one used-flag per parameter
     ready: set[int] = field(default_factory=set)  # indices into params
-    work: "dist.Work | None" = None
+    work: "Waitable | None" = None
     launched: bool = False
+
+    @property
+    def grads(self) -> torch.Tensor:
+        return self.buffer[: self.numel]
+
+    @property
+    def flags(self) -> torch.Tensor:
+        return self.buffer[self.numel:]
+
+
+class Waitable(Protocol):
+    def wait(self) -> Any: ...
+
+
+# A communication hook starts the reduction of one bucket over the group and returns something to
+# wait() on (a dist.Work, or a hook's own object that finishes decompressing in wait()), or None
+# when it finished synchronously. After the wait, `bucket.buffer` must hold the element-wise SUM
+# over the group of every rank's buffer, gradients and used-flags alike; the reducer then divides
+# by the group size. Compression and hierarchical all-reduce plug in here.
+CommHook = Callable[[Bucket, "dist.ProcessGroup | None"], "Waitable | None"]
+
+
+def allreduce_hook(bucket: Bucket, group) -> "dist.Work | None":
+    """The default hook: one asynchronous all-reduce of the whole bucket."""
+    return dist.all_reduce(bucket.buffer, group=group, async_op=True)
 
 
 class GradientReducer:
@@ -73,7 +97,7 @@ class GradientReducer:
         self._sync = True
         self._callback_queued = False
         self._handles = []
-        self.buckets: list[_Bucket] = []
+        self.buckets: list[Bucket] = []
         self._where: dict[int, tuple[int, int]] = {}  # id(param) -> (bucket, slot)
         if broadcast_params and self.world > 1:
             self._broadcast_from_first_rank()
@@ -114,7 +138,7 @@ class GradientReducer:
         b = len(self.buckets)
         for slot, p in enumerate(params):
             self._where[id(p)] = (b, slot)
-        self.buckets.append(_Bucket(params, offsets, n, buf))
+        self.buckets.append(Bucket(b, params, offsets, n, buf))
 
     # --- public API -------------------------------------------------------------------------
 
@@ -164,8 +188,8 @@ class GradientReducer:
             bk.buffer[bk.numel:].fill_(1.0)  # every parameter of a full bucket was used
             self._launch(bk)
 
-    def _launch(self, bucket: _Bucket) -> None:
-        bucket.work = self.comm_hook(bucket.buffer, self.group)
+    def _launch(self, bucket: Bucket) -> None:
+        bucket.work = self.comm_hook(bucket, self.group)
         bucket.launched = True
 
     def _finish(self) -> None:

@@ -10,15 +10,23 @@ import torch.nn as nn
 from plait.config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """Weight decay applies to ≥2-D weights (matmuls, embeddings), not to biases and norms."""
+def optimizer_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Parameter groups in checkpoint order: ≥2-D weights (matmuls, embeddings) decay, the rest not.
+
+    Sharded optimizers (ZeRO) use the same grouping, so their gathered state has the same
+    parameter indices as this optimizer's and checkpoints move between layouts.
+    """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+    return [{"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """Weight decay applies to ≥2-D weights (matmuls, embeddings), not to biases and norms."""
+    return torch.optim.AdamW(optimizer_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              fused=device.type == "cuda")
 
 

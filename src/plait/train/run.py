@@ -30,6 +30,9 @@ def configure_threads() -> None:
 def train_process(cfg_dict: dict[str, Any], show_progress: bool = False) -> dict[str, Any]:
     """Train on this process's share of the mesh; returns the summary (without history)."""
     cfg = Config.from_dict(cfg_dict)
+    if cfg.parallel.ps.servers:  # parameter-server training has its own roles and loop
+        from plait.train.ps_run import ps_train_process
+        return ps_train_process(cfg_dict)
     configure_threads()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if cfg.train.device == "cpu":

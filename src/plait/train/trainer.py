@@ -22,6 +22,7 @@ from plait.data.sampler import ElasticSampler
 from plait.errors import CheckpointError
 from plait.mesh import ParallelMesh
 from plait.models import GPT
+from plait.parallel.freeze import freeze_blocks
 from plait.parallelize import ParallelModel, parallelize, unwrap
 from plait.train.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from plait.train.metrics import MetricsWriter, device_peak_flops, mfu
@@ -62,6 +63,10 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = GPT(cfg.model).to(self.device)
+        # Counted on the whole model: parallelize may split it in place (tensor parallelism).
+        self.flops_per_token = model.flops_per_token(cfg.model.block_size)
+        self.num_params = model.num_params()  # likewise: pipeline stages hold only their layers
+        freeze_blocks(model, t.freeze_blocks)  # before parallelize: frozen weights are not reduced
         self.model: ParallelModel = parallelize(model, mesh, cfg.parallel)
         self.optimizer = self.model.build_optimizer(t)
         self.autocast_dtype = resolve_dtype(cfg, self.device)
@@ -73,7 +78,6 @@ class Trainer:
         self.resumed_from: Path | None = None
         self._resume()
         self.metrics = MetricsWriter(self.out_dir, enabled=mesh.is_main)
-        self.flops_per_token = model.flops_per_token(cfg.model.block_size)
         self.peak_flops = device_peak_flops(self.device)
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -163,14 +167,13 @@ class Trainer:
         if self.mesh.dp_size > 1:  # report the global mean loss, as one process would see it
             dist.all_reduce(loss, group=self.mesh.dp_group)
             loss /= self.mesh.dp_size
-        return {"loss": loss.item(), "lr": lr, "grad_norm": float(norm)}
+        return {"loss": loss.item(), "lr": lr, "grad_norm": float(norm), **self.model.step_metrics()}
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean held-out loss over `eval_batches` fixed batches, split across dp ranks."""
         t = self.cfg.train
-        model = unwrap(self.model)
-        model.eval()
+        self.model.eval()
         n = len(self.val_data)
         per_batch = t.micro_batch_size
         total = torch.zeros((), device=self.device)
@@ -178,10 +181,9 @@ class Trainer:
             start = (b * self.mesh.dp_size + self.mesh.dp_rank) * per_batch
             idx = [(start + i) % n for i in range(per_batch)]
             x, y = self.val_data.batch(idx)
-            with self._autocast():
-                _, loss = model(self._to_device(x), self._to_device(y))
+            loss = self.model.eval_loss(self._to_device(x), self._to_device(y), self._autocast)
             total += loss.float()
-        model.train()
+        self.model.train()
         total /= t.eval_batches
         if self.mesh.dp_size > 1:
             dist.all_reduce(total, group=self.mesh.dp_group)
@@ -195,7 +197,7 @@ class Trainer:
         main = self.mesh.is_main
         if main and self.callbacks.on_start:
             self.callbacks.on_start({"start_step": self.step, "steps": t.steps,
-                                     "params": unwrap(self.model).num_params(),
+                                     "params": self.num_params,
                                      "resumed_from": str(self.resumed_from or ""),
                                      "mesh": str(self.mesh.shape), "tokens_per_step": tokens_per_step})
         self.model.train()
