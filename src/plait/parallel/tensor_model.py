@@ -26,7 +26,7 @@ from plait.errors import CheckpointError, PlanError
 from plait.mesh import ParallelMesh
 from plait.parallel.data import GradientReducer
 from plait.parallel.tensor_plan import Plan, apply_plan, resolve_plan
-from plait.parallel.tensor_shard import has_partial_grad, shard_spec
+from plait.parallel.tensor_shard import has_partial_grad, shard_spec, sum_partial_grads
 from plait.parallelize import ParallelModel
 
 log = logging.getLogger(__name__)
@@ -57,20 +57,9 @@ class TensorParallelModel(ParallelModel):
         self.dropout_generator.manual_seed(
             (self.dropout_seed * 1_000_003 + self.mesh.dp_rank * 7919 + self.steps_done) % (2 ** 63))
         loss = super().forward_backward(micro_batches, autocast)
-        self._sum_partial_grads()
+        sum_partial_grads(self._partial, self.tp_group)
         self.steps_done += 1
         return loss
-
-    def _sum_partial_grads(self) -> None:
-        grads = [p.grad for p in self._partial if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.tp_group)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global L2 norm over the whole (unsharded) model; clips like torch's clip_grad_norm_."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from plait.errors import PlanError
@@ -82,6 +83,23 @@ def mark_partial_grad(p: nn.Parameter) -> None:
 
 def has_partial_grad(p: torch.Tensor) -> bool:
     return getattr(p, PARTIAL_GRAD_ATTR, False)
+
+
+def sum_partial_grads(params, group) -> None:
+    """All-reduce (sum) over `group` the gradients that each tp rank holds only part of.
+
+    Parameters replicated over tp but used on sequence shards (sequence parallelism) get a partial
+    gradient on every rank; one flat all-reduce makes them whole.
+    """
+    grads = [p.grad for p in params if has_partial_grad(p) and p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 class ShardedParams:

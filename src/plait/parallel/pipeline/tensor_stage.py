@@ -19,7 +19,7 @@ from plait.config import ParallelConfig
 from plait.errors import CheckpointError, PlanError
 from plait.mesh import ParallelMesh
 from plait.parallel.tensor_plan import apply_plan, resolve_plan
-from plait.parallel.tensor_shard import has_partial_grad, shard_spec
+from plait.parallel.tensor_shard import shard_spec, sum_partial_grads
 
 
 class StageTensorParallel:
@@ -54,15 +54,7 @@ class StageTensorParallel:
                                     + step) % (2 ** 63))
 
     def sum_partial_grads(self, params: list[nn.Parameter]) -> None:
-        grads = [p.grad for p in params if has_partial_grad(p) and p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.group)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        sum_partial_grads(params, self.group)
 
     @staticmethod
     def is_sharded(p: torch.Tensor) -> bool:
