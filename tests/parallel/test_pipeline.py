@@ -178,8 +178,9 @@ def test_checkpoint_loads_at_another_pipeline_size(pools, references, tmp_path, 
 
 def test_3d_dp2_pp2_tp2_trains_like_one_process_and_reshards(pools, references, tmp_path):
     """(dp, pp, tp) = (2, 2, 2) on 8 processes with 1F1B; a checkpoint saved there after 3 steps
-    continues at (1, 4, 1) like one process. (Interleaving and sequence parallelism are covered
-    at smaller sizes; 8 processes on two cores are kept to one layout to keep the suite short.)"""
+    continues at (1, 4, 1) like one process. Eight processes on two cores are kept to this one
+    layout to keep the suite short; interleaving is covered at pp=2 and 4, sequence parallelism
+    at dp×tp (not yet inside pipeline stages)."""
     m = 4
     layouts = {"1f1b": dict(dp=2, pp=2, tp=2, schedule="1f1b", partition="flops")}
     jobs = [(_config(tmp_path, name, 4, m, **layout).to_dict(), {}) for name, layout in layouts.items()]
