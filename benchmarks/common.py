@@ -27,6 +27,11 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def slowest_rank_steps(per_rank: list[list[float]]) -> list[float]:
+    """Per-step times of a job: a step ends when its slowest rank does."""
+    return [max(ts) for ts in zip(*per_rank)]
+
+
 def command() -> str:
     return " ".join(["python"] + sys.argv)
 

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import median, print_table, write_json  # noqa: E402
+from common import median, print_table, slowest_rank_steps, write_json  # noqa: E402
 from plait.config import ModelConfig  # noqa: E402
 from plait.testing import WorkerPool  # noqa: E402
 
@@ -78,8 +78,7 @@ def main() -> None:
     rounds, steps, warmup = (4, 3, 2) if args.quick else (12, 5, 3)
     with WorkerPool(2, timeout_s=1800, threads=1) as pool:
         times = pool.run(_bench, model_kw, batch, args.bucket_mb, rounds, steps, warmup, timeout_s=1800)
-    # A step ends for the job when its slowest rank ends: take the max over ranks per step.
-    per_step = {n: [max(ts) for ts in zip(*(t[n] for t in times))] for n in VARIANTS}
+    per_step = {n: slowest_rank_steps([t[n] for t in times]) for n in VARIANTS}
     med = {n: median(v) for n, v in per_step.items()}
     ratio = med["plait-bucketed"] / med["torch-ddp"]
     naive_ratio = med["plait-naive"] / med["torch-ddp"]

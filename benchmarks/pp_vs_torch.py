@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import median, print_table, write_json  # noqa: E402
+from common import median, print_table, slowest_rank_steps, write_json  # noqa: E402
 from plait.config import ModelConfig  # noqa: E402
 from plait.testing import WorkerPool  # noqa: E402
 
@@ -131,9 +131,9 @@ def main() -> None:
         for m in ms:
             for schedule in SCHEDULES:
                 ours_k, peer_k = f"plait-{schedule}-{m}", f"torch-{schedule}-{m}"
-                step = {k: median([max(ts) for ts in zip(*(r["times"][k] for r in per_rank))])
+                step = {k: median(slowest_rank_steps([r["times"][k] for r in per_rank]))
                         for k in (ours_k, peer_k)}
-                sched = median([max(ts) for ts in zip(*(r["schedule_only"][ours_k] for r in per_rank))])
+                sched = median(slowest_rank_steps([r["schedule_only"][ours_k] for r in per_rank]))
                 bubble = median(per_rank[0]["bubbles"][ours_k])
                 imbalance = median(per_rank[0]["imbalance"][ours_k])
                 theory = (pp - 1) / (m + pp - 1)

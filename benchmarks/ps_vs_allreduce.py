@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import median, print_table, write_json  # noqa: E402
+from common import median, print_table, slowest_rank_steps, write_json  # noqa: E402
 from plait.config import ModelConfig  # noqa: E402
 from plait.testing import WorkerPool  # noqa: E402
 
@@ -103,7 +103,7 @@ def _run(pools: dict, name: str, model_kw: dict, batch: int, steps: int, warmup:
                                            timeout_s=1800)
     workers = res[servers:]
     # A sync step ends for the job when its slowest worker ends; async counts samples over time.
-    per_step = [max(ts) for ts in zip(*(w["step_s"] for w in workers))]
+    per_step = slowest_rank_steps([w["step_s"] for w in workers])
     out = {"step_s": per_step}
     if mode == "async":
         wall = max(w["end"] for w in workers) - min(w["start"] for w in workers)

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import median, print_table, write_json  # noqa: E402
+from common import median, print_table, slowest_rank_steps, write_json  # noqa: E402
 from plait.config import ModelConfig  # noqa: E402
 from plait.testing import WorkerPool  # noqa: E402
 
@@ -144,8 +144,7 @@ def main() -> None:
         batch, rounds, steps, warmup = 8, 12, 4, 3
     with WorkerPool(TP, timeout_s=1800, threads=1) as pool:
         results = pool.run(_bench, model_kw, batch, rounds, steps, warmup, timeout_s=1800)
-    # A step ends for the job when its slowest rank ends: take the max over ranks per step.
-    per_step = {n: [max(ts) for ts in zip(*(r["times"][n] for r in results))] for n in VARIANTS}
+    per_step = {n: slowest_rank_steps([r["times"][n] for r in results]) for n in VARIANTS}
     med = {n: median(v) for n, v in per_step.items()}
     ratio = med["plait-tp"] / med["torch-dtensor"]
     losses = results[0]["warmup_losses"]

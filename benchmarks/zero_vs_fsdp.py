@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import median, print_table, write_json  # noqa: E402
+from common import median, print_table, slowest_rank_steps, write_json  # noqa: E402
 from plait.config import ModelConfig  # noqa: E402
 from plait.testing import WorkerPool  # noqa: E402
 
@@ -137,7 +137,7 @@ def main() -> None:
     with WorkerPool(DP, timeout_s=1800, threads=1) as pool:
         timed = pool.run(_time, model_kw, batch, rounds, steps, warmup, timeout_s=1800)
         mem = {s: pool.run(_memory, s, model_kw, batch, timeout_s=1800) for s in SIDES}
-    per_step = {s: [max(ts) for ts in zip(*(r["times"][s] for r in timed))] for s in SIDES}
+    per_step = {s: slowest_rank_steps([r["times"][s] for r in timed]) for s in SIDES}
     med = {s: median(v) for s, v in per_step.items()}
     peak = {s: max(r["peak_bytes"] for r in mem[s]) for s in SIDES}
     losses = timed[0]["losses"]

@@ -164,18 +164,14 @@ _NOT_WITH_TP = {"zero": 0, "offload_optimizer": False, "compression": "none", "n
                 "recompute": "none"}
 
 
-def parallelize_tensor(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig,
-                       plan: Plan | None = None) -> TensorParallelModel:
-    """Split `model` in place over the mesh's tp group by `plan`, then average over its dp group.
+def split_for_tp(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig,
+                 plan: Plan | None = None) -> tuple[torch.Generator, int]:
+    """Split `model` in place over the mesh's tp group; returns the shared dropout generator and seed.
 
-    The plain model must be identical on every rank before the split (same seed); its weights
-    are broadcast from the first rank of each tp group anyway, so every shard comes from one copy.
+    The plan is checked before any communication. Weights are broadcast from the first rank of the
+    tp group first, so every shard comes from one copy; the seed is broadcast too, so replicated
+    activations get the same dropout masks on every tp rank.
     """
-    for name, default in _NOT_WITH_TP.items():
-        value = getattr(cfg, name, default)
-        if value != default:
-            raise PlanError(f"parallel.{name}={value!r} is not supported together with "
-                            f"parallel.tp={mesh.tp_size} in this version; use tp=1 or {name}={default!r}")
     if plan is None:
         plan_fn = getattr(type(model), "plan", None)
         if not callable(plan_fn):
@@ -192,9 +188,25 @@ def parallelize_tensor(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig
         dist.broadcast(seed, src=src, group=group)
     generator = torch.Generator(device=mesh.device)
     apply_plan(model, plan, group, sequence_parallel=cfg.sequence_parallel, dropout_generator=generator)
+    return generator, int(seed.item())
+
+
+def parallelize_tensor(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig,
+                       plan: Plan | None = None) -> TensorParallelModel:
+    """Split `model` in place over the mesh's tp group by `plan`, then average over its dp group.
+
+    The plain model must be identical on every rank before the split (same seed); its weights
+    are broadcast from the first rank of each tp group anyway, so every shard comes from one copy.
+    """
+    for name, default in _NOT_WITH_TP.items():
+        value = getattr(cfg, name, default)
+        if value != default:
+            raise PlanError(f"parallel.{name}={value!r} is not supported together with "
+                            f"parallel.tp={mesh.tp_size} in this version; use tp=1 or {name}={default!r}")
+    generator, seed = split_for_tp(model, mesh, cfg, plan)
     log.info("tensor parallel: tp=%d dp=%d sequence_parallel=%s", mesh.tp_size, mesh.dp_size,
              cfg.sequence_parallel)
     reducer = None
     if mesh.dp_size > 1:
         reducer = GradientReducer(model, mesh.dp_group, bucket_mb=cfg.bucket_mb, mode=cfg.reducer)
-    return TensorParallelModel(model, mesh, reducer, cfg.sequence_parallel, generator, int(seed.item()))
+    return TensorParallelModel(model, mesh, reducer, cfg.sequence_parallel, generator, seed)

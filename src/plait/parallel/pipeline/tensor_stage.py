@@ -16,9 +16,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from plait.config import ParallelConfig
-from plait.errors import CheckpointError, PlanError
+from plait.errors import CheckpointError
 from plait.mesh import ParallelMesh
-from plait.parallel.tensor_plan import apply_plan, resolve_plan
+from plait.parallel.tensor_model import split_for_tp
 from plait.parallel.tensor_shard import shard_spec, sum_partial_grads
 
 
@@ -27,25 +27,9 @@ class StageTensorParallel:
 
     def __init__(self, model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, plan: Any = None):
         """Split `model` in place over the mesh's tp group (identical plain model on every rank)."""
-        if plan is None:
-            plan_fn = getattr(type(model), "plan", None)
-            if not callable(plan_fn):
-                raise PlanError(f"{type(model).__name__} has no plan(); pass plan= to parallelize() "
-                                f"to split it over tp={mesh.tp_size}")
-            plan = plan_fn()
-        resolve_plan(model, plan, mesh.tp_size)  # a bad plan fails before any communication
         self.mesh, self.group = mesh, mesh.tp_group
         self.rank, self.size = mesh.tp_rank, mesh.tp_size
-        src = dist.get_global_rank(self.group, 0)
-        with torch.no_grad():
-            for t in list(model.parameters()) + list(model.buffers()):
-                dist.broadcast(t.data, src=src, group=self.group)
-            seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64).to(mesh.device)
-            dist.broadcast(seed, src=src, group=self.group)
-        self.seed = int(seed.item())
-        self.generator = torch.Generator(device=mesh.device)
-        apply_plan(model, plan, self.group, sequence_parallel=cfg.sequence_parallel,
-                   dropout_generator=self.generator)
+        self.generator, self.seed = split_for_tp(model, mesh, cfg, plan)
 
     def reseed(self, step: int) -> None:
         """Same dropout masks on the tp group; different per dp replica, stage and step."""
