@@ -69,6 +69,12 @@ def group_size(group: "dist.ProcessGroup | None") -> int:
     return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
+def counted_all_reduce(bucket: Bucket, group, stats: WireStats) -> "dist.Work | None":
+    """The uncompressed all-reduce of a whole bucket (the reducer's default), counted in `stats`."""
+    stats.all_reduce(bucket.buffer, group_size(group))
+    return dist.all_reduce(bucket.buffer, group=group, async_op=True)
+
+
 class CountingAllReduce:
     """The uncompressed all-reduce (same as the reducer's default hook), with byte counting."""
 
@@ -76,8 +82,7 @@ class CountingAllReduce:
         self.stats = WireStats()
 
     def __call__(self, bucket: Bucket, group) -> "dist.Work | None":
-        self.stats.all_reduce(bucket.buffer, group_size(group))
-        return dist.all_reduce(bucket.buffer, group=group, async_op=True)
+        return counted_all_reduce(bucket, group, self.stats)
 
 
 def build_comm_hook(cfg, mesh, model):

@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from plait.config import ParallelConfig
 from plait.errors import ConfigError
-from plait.parallel.comm_hooks import Pending, WireStats, group_size
+from plait.parallel.comm_hooks import Pending, WireStats, counted_all_reduce, group_size
 from plait.parallel.data import Bucket
 from plait.parallel.flat import all_gather_flat
 
@@ -132,8 +132,7 @@ class PowerSGDHook:
     def __call__(self, bucket: Bucket, group) -> Pending:
         n_ranks = group_size(group)
         if not self.warmup.compressing(bucket):
-            self.stats.all_reduce(bucket.buffer, n_ranks)
-            return dist.all_reduce(bucket.buffer, group=group, async_op=True)
+            return counted_all_reduce(bucket, group, self.stats)
         grads = bucket.grads
         mats, plain = [], []
         for slot, p in enumerate(bucket.params):
@@ -199,8 +198,7 @@ class TopKHook:
     def __call__(self, bucket: Bucket, group) -> Pending:
         n_ranks = group_size(group)
         if not self.warmup.compressing(bucket):
-            self.stats.all_reduce(bucket.buffer, n_ranks)
-            return dist.all_reduce(bucket.buffer, group=group, async_op=True)
+            return counted_all_reduce(bucket, group, self.stats)
         grads = bucket.grads
         if bucket.index in self.error:
             grads.add_(self.error[bucket.index])
