@@ -9,8 +9,8 @@ from plait.config import load_config
 from plait.errors import ConfigError, PlanError
 from plait.models import GPT
 from plait.parallel.pipeline import (COSTS, SCHEDULES, balance, build_schedule, bubble_vs_ideal,
-                                     check_schedule, make_partition, pipeline_spec, simulate,
-                                     theoretical_bubble)
+                                     check_schedule, make_partition, pipeline_spec, replay,
+                                     simulate, theoretical_bubble)
 from tests.helpers import tiny_model_config
 
 
@@ -44,6 +44,33 @@ def test_1f1b_stashes_at_most_p_micro_batches_while_gpipe_stashes_m(p, m):
     assert max(simulate("1f1b", p, m).peak_stashed) == min(p, m)
     assert simulate("gpipe", p, m).peak_stashed == [m] * p
     assert simulate("naive", p, m).peak_stashed == [1] * p
+
+
+def test_replay_with_a_slow_last_stage_matches_a_hand_count():
+    """1F1B, p = 2, m = 2; stage 0 takes F=1, B=2, stage 1 twice that. Stage 1 is the bottleneck:
+    F0 on stage 0 [0,1], then stage 1 runs F0 [1,3] B0 [3,7] F1 [7,9] B1 [9,13]; stage 0 runs
+    F1 [1,2], B0 [7,9], B1 [13,15]."""
+    plans = [build_schedule("1f1b", 2, 2, 1, r) for r in range(2)]
+    scale = {0: 1.0, 1: 2.0}
+    sim = replay(plans, lambda r, a: scale[r] * (1.0 if a.kind == "F" else 2.0))
+    assert sim.finished and sim.makespan == pytest.approx(15.0)
+    assert sim.busy == [6.0, 12.0]
+    assert sim.bubble == pytest.approx(((1 - 6 / 15) + (1 - 12 / 15)) / 2)
+    # equal stages reproduce the closed form
+    assert replay(plans, lambda r, a: 1.0 if a.kind == "F" else 2.0).bubble == pytest.approx(
+        theoretical_bubble("1f1b", 2, 2))
+
+
+def test_measured_time_partition_charges_the_loss_to_the_last_layer():
+    """The "time" cost runs the model's loss on the head's output; the other layers back-propagate
+    their output's sum."""
+    spec = pipeline_spec(GPT(tiny_model_config()))
+    calls = []
+    loss_fn = spec.loss_fn
+    spec.loss_fn = lambda logits, targets: calls.append(tuple(logits.shape)) or loss_fn(logits, targets)
+    make_partition(spec, 2, cost="time")
+    cfg = tiny_model_config()
+    assert calls and all(shape == (1, cfg.block_size, cfg.vocab_size) for shape in calls)
 
 
 def test_bubble_formulas():

@@ -67,4 +67,5 @@ def gpt_pipeline_spec(gpt: GPT) -> PipelineSpec:
     def example_input(batch: int) -> torch.Tensor:
         return torch.zeros(batch, t, dtype=torch.long, device=gpt.tok_emb.weight.device)
 
-    return PipelineSpec(layers, GPTLoss(gpt), example_input, first_block=1, num_blocks=c.n_layer)
+    return PipelineSpec(layers, GPTLoss(gpt), example_input, first_block=1, num_blocks=c.n_layer,
+                        example_target=example_input)

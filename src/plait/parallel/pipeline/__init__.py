@@ -13,11 +13,12 @@ naive, GPipe, 1F1B and interleaved 1F1B schedules with bubble accounting.
 from plait.parallel.pipeline.layers import PipeLayer, PipelineSpec, pipeline_spec
 from plait.parallel.pipeline.partition import COSTS, Partition, balance, make_partition
 from plait.parallel.pipeline.schedules import (SCHEDULES, Action, build_schedule, bubble_vs_ideal,
-                                               check_schedule, simulate, theoretical_bubble)
+                                               check_schedule, replay, simulate,
+                                               theoretical_bubble)
 
 __all__ = ["COSTS", "SCHEDULES", "Action", "Partition", "PipeLayer", "PipelineParallelModel",
            "PipelineSpec", "balance", "bubble_vs_ideal", "build_schedule", "check_pipeline_config",
-           "check_schedule", "make_partition", "pipeline_spec", "simulate", "theoretical_bubble"]
+           "check_schedule", "make_partition", "pipeline_spec", "replay", "simulate", "theoretical_bubble"]
 
 
 def __getattr__(name: str):

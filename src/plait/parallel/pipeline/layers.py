@@ -40,6 +40,8 @@ class PipelineSpec:
     example_input: Callable[[int], torch.Tensor]  # a batch of that many model inputs
     first_block: int
     num_blocks: int
+    # Targets for that batch: lets measured-time partitioning charge the loss to the last layer.
+    example_target: Callable[[int], torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.layers)

@@ -30,7 +30,8 @@ from plait.parallel.pipeline.layers import PipelineSpec, pipeline_spec, stage_mo
 from plait.parallel.pipeline.p2p import PipeComm
 from plait.parallel.pipeline.partition import Partition, make_partition
 from plait.parallel.pipeline.runtime import PipelineRuntime, StepStats
-from plait.parallel.pipeline.schedules import check_schedule, theoretical_bubble
+from plait.parallel.pipeline.schedules import (Simulation, build_schedule, check_schedule, replay,
+                                               theoretical_bubble)
 from plait.parallel.pipeline.state import (canonical_names, full_optimizer_state, group_names,
                                            local_optimizer_state, merge_layout,
                                            named_optimizer_state, to_cpu)
@@ -124,13 +125,16 @@ class PipelineParallelModel(ParallelModel):
                 tied.append((param, group))
         return tied, duplicates
 
-    def _reduce_tied_grads(self) -> None:
+    def _reduce_tied_grads(self) -> list:
+        """Start summing each tied weight's gradient over its holders; returns the works to wait on."""
+        works = []
         for param, group in self._tied:
             if not param.requires_grad:
                 continue  # frozen: no gradient on any stage
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-            dist.all_reduce(param.grad, group=group)
+            works.append(dist.all_reduce(param.grad, group=group, async_op=True))
+        return works
 
     # --- training step --------------------------------------------------------------------
 
@@ -164,21 +168,24 @@ class PipelineParallelModel(ParallelModel):
             self.tensor.reseed(self.steps_done)
         start = time.perf_counter()
         loss_sum, stats = self.runtime.run(batches, autocast, no_sync)
+        if self.tensor is not None:
+            self.tensor.sum_partial_grads(list(self.module.parameters()))
+        tied = self._reduce_tied_grads()  # in flight while the step's results are shared
         loss = loss_sum / len(batches) if loss_sum is not None else torch.zeros((), device=self.mesh.device)
         # One small all-gather tells every rank the loss and every stage's timing; it ends when
         # the last stage has finished, which closes the step's span for the bubble accounting.
-        mine = torch.stack([loss.detach().double(), *(torch.tensor(v, dtype=torch.float64, device=loss.device)
-                            for v in (stats.wait_s, stats.compute_s, stats.peak_stashed))])
+        mine = torch.tensor([float(loss), stats.wait_s, stats.compute_s, stats.peak_stashed, *stats.durations],
+                            dtype=torch.float64, device=loss.device)
         every = [torch.empty_like(mine) for _ in self._pp_ranks]
         dist.all_gather(every, mine, group=self.mesh.pp_group)
         self.last_span_s = time.perf_counter() - start
+        every = [e.cpu() for e in every]
         self.last_stats = [StepStats(compute_s=float(e[2]), wait_s=float(e[1]), peak_stashed=int(e[3]),
-                                     microbatches=len(batches)) for e in every]
-        if self.tensor is not None:
-            self.tensor.sum_partial_grads(list(self.module.parameters()))
-        self._reduce_tied_grads()
+                                     microbatches=len(batches), durations=e[4:].tolist()) for e in every]
+        for work in tied:
+            work.wait()
         self.steps_done += 1
-        return every[-1][0].float()
+        return every[-1][0].float().to(self.mesh.device)
 
     @torch.no_grad()
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor,
@@ -190,29 +197,42 @@ class PipelineParallelModel(ParallelModel):
         return loss
 
     def step_metrics(self) -> dict[str, Any]:
-        """Bubble accounting of the last step: measured per stage, and the schedule's theory.
+        """Bubble accounting of the last step: measured per stage, and two theories.
 
         The step's span runs from this rank's first action until every stage has finished (the
         end-of-step all-gather). On the main rank, the first stage, which starts the step, that
         is the whole pipelined step. A stage's bubble is its idle share of the span,
-        1 − compute / span; `bubble` averages the stages and `bubble_theory` is the same share
-        for equal stages and free communication (:func:`theoretical_bubble`). `pp_wait_s` is the
-        part of each stage's idle time spent blocked on a receive inside the schedule.
+        1 − compute / span; `bubble` averages the stages. `bubble_theory` is the same share for
+        equal stages and free communication (:func:`theoretical_bubble`); `bubble_model` is the
+        share when the schedule is replayed with the durations every action actually took and
+        free communication (:func:`replay`), the bubble the step's own, possibly unequal, stage
+        times force. bubble − bubble_model is what communication and the runtime added;
+        bubble_model − bubble_theory is what unequal stages added. `pp_wait_s` is the part of
+        each stage's idle time spent blocked on a receive inside the schedule.
         """
         if not self.last_stats:
             return {}
         s, span = self.last_stats, self.last_span_s
         per_stage = [max(0.0, 1.0 - st.compute_s / span) for st in s]
+        m = s[0].microbatches
         return {
             "bubble": sum(per_stage) / len(per_stage),
-            "bubble_theory": theoretical_bubble(self.schedule, self.mesh.pp_size, s[0].microbatches,
-                                                self.virtual_stages),
+            "bubble_theory": theoretical_bubble(self.schedule, self.mesh.pp_size, m, self.virtual_stages),
+            "bubble_model": self._replayed(s).bubble,
             "bubble_per_stage": per_stage,
             "pp_span_s": span,
             "pp_compute_s": [st.compute_s for st in s],
             "pp_wait_s": [st.wait_s for st in s],
             "pp_peak_stashed": [st.peak_stashed for st in s],
         }
+
+    def _replayed(self, stats: list[StepStats]) -> Simulation:
+        """The last step's schedule replayed with its measured action durations, communication free."""
+        plans = [build_schedule(self.schedule, self.mesh.pp_size, stats[0].microbatches,
+                                self.virtual_stages, r) for r in range(self.mesh.pp_size)]
+        took = {(r, a): d for r, (plan, st) in enumerate(zip(plans, stats))
+                for a, d in zip(plan, st.durations)}
+        return replay(plans, lambda r, a: took[(r, a)])
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global L2 norm over all stages and tp shards (a tied weight counted once); clips like

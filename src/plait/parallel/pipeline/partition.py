@@ -3,6 +3,8 @@
 Costs per layer: "params" (parameter count), "flops" (training FLOPs per sample: analytic where
 the model gives them, else counted by torch's FlopCounterMode) or "time" (measured forward +
 backward on an example batch; rank 0's measurement is broadcast so every rank splits alike).
+Measured time charges the loss to the last layer, which runs it (on the CPU the cross-entropy
+and final norm cost more than their FLOPs suggest, and the last stage is otherwise the slowest).
 
 Non-interleaved schedules cut the layers into p chunks minimising the most expensive chunk.
 Interleaved schedules cut the repeated blocks evenly into p·v chunks, as Megatron-LM does (its
@@ -15,6 +17,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -140,19 +143,25 @@ def _flops(spec: PipelineSpec) -> list[float]:
 
 def _measure_times(spec: PipelineSpec, repeats: int = 3) -> list[float]:
     out, x = [], spec.example_input(1)
-    for layer in spec.layers:
+    target = spec.example_target(1) if spec.example_target is not None else None
+    for i, layer in enumerate(spec.layers):
+        loss = None
+        if i == len(spec) - 1 and target is not None:
+            loss = lambda y: spec.loss_fn(y, target)  # noqa: E731
         samples = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            _run_layer(layer.module, x, backward=True)
+            _run_layer(layer.module, x, backward=True, loss=loss)
             samples.append(time.perf_counter() - t0)
         out.append(statistics.median(samples))
         x = _run_layer(layer.module, x)
     return out
 
 
-def _run_layer(module: torch.nn.Module, x: torch.Tensor, backward: bool = False) -> torch.Tensor:
-    """Forward (and backward of the output's sum) in eval mode, leaving no gradients behind."""
+def _run_layer(module: torch.nn.Module, x: torch.Tensor, backward: bool = False,
+               loss: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Forward (and backward of `loss(output)`, else of the output's sum) in eval mode, leaving
+    no gradients behind."""
     was_training = module.training
     module.eval()  # no dropout: measuring must not draw from the RNG
     try:
@@ -161,7 +170,7 @@ def _run_layer(module: torch.nn.Module, x: torch.Tensor, backward: bool = False)
                 return module(x)
         inp = x.detach().requires_grad_(x.is_floating_point())
         y = module(inp)
-        y.float().sum().backward()
+        (loss(y) if loss is not None else y.float().sum()).backward()
         for p in module.parameters():
             p.grad = None
         return y.detach()

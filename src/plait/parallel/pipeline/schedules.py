@@ -16,6 +16,7 @@ B of g after B of g+1 and F of g); :func:`simulate` checks that and counts stash
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from plait.errors import ConfigError
 
@@ -122,24 +123,40 @@ def bubble_vs_ideal(schedule: str, stages: int, microbatches: int, virtual_stage
 
 @dataclass
 class Simulation:
-    """Outcome of running every rank's actions with unit-time forwards and 2-unit backwards."""
+    """Outcome of running every rank's actions with given durations and free communication."""
 
     finished: bool
-    makespan: int
+    makespan: float
     peak_stashed: list[int]  # per rank: most micro-batch activations held at once
-    busy: list[int]          # per rank: time units computing
+    busy: list[float]        # per rank: time computing
+
+    @property
+    def bubble(self) -> float:
+        """Mean over ranks of the idle share of the makespan."""
+        if not self.makespan:
+            return 0.0
+        return sum(1.0 - b / self.makespan for b in self.busy) / len(self.busy)
 
 
 def simulate(schedule: str, stages: int, microbatches: int, virtual_stages: int = 1,
-             forward_time: int = 1, backward_time: int = 2) -> Simulation:
-    """Event simulation of the schedule; `finished` is False if the ranks would deadlock."""
-    p = stages
-    v = virtual_stages if schedule == "interleaved" else 1
-    chunks = p * v
-    plans = [build_schedule(schedule, p, microbatches, virtual_stages, r) for r in range(p)]
-    pos, free_at = [0] * p, [0] * p
-    done: dict[tuple[str, int, int], int] = {}  # action -> finish time
-    stashed, peak, busy = [0] * p, [0] * p, [0] * p
+             forward_time: float = 1, backward_time: float = 2) -> Simulation:
+    """Event simulation of the schedule with equal stages; `finished` is False on deadlock."""
+    plans = [build_schedule(schedule, stages, microbatches, virtual_stages, r) for r in range(stages)]
+    return replay(plans, lambda r, a: forward_time if a.kind == "F" else backward_time)
+
+
+def replay(plans: list[list[Action]], duration: Callable[[int, Action], float]) -> Simulation:
+    """Run the ranks' action lists as fast as their data dependencies allow, communication free.
+
+    `duration(rank, action)` gives each action's compute time: unit costs give the textbook
+    schedule; the durations a real step measured give the span that step's own compute forced,
+    the theoretical bubble for its (possibly unequal) stages.
+    """
+    p = len(plans)
+    chunks = 1 + max((a.chunk for plan in plans for a in plan), default=0)
+    pos, free_at = [0] * p, [0.0] * p
+    done: dict[tuple[str, int, int], float] = {}  # action -> finish time
+    stashed, peak, busy = [0] * p, [0] * p, [0.0] * p
     progressed = True
     while progressed:
         progressed = False
@@ -154,7 +171,7 @@ def simulate(schedule: str, stages: int, microbatches: int, virtual_stages: int 
             if not all(d in done for d in deps):
                 continue
             start = max([free_at[r]] + [done[d] for d in deps])
-            cost = forward_time if a.kind == "F" else backward_time
+            cost = duration(r, a)
             free_at[r] = start + cost
             busy[r] += cost
             done[(a.kind, a.chunk, a.mb)] = free_at[r]
