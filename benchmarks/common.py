@@ -32,6 +32,13 @@ def slowest_rank_steps(per_rank: list[list[float]]) -> list[float]:
     return [max(ts) for ts in zip(*per_rank)]
 
 
+def round_order(names: list[str] | tuple[str, ...], round_index: int) -> list[str]:
+    """The order to run side-by-side variants in one round: as given on even rounds, reversed
+    on odd ones (A B, B A, A B, ...). A fixed order would hand whatever the previous variant left
+    warm (grown heap, caches) to the same side every time."""
+    return list(names) if round_index % 2 == 0 else list(reversed(names))
+
+
 def command() -> str:
     return " ".join(["python"] + sys.argv)
 

@@ -1,14 +1,21 @@
 """plait's GPipe and 1F1B pipelines vs torch.distributed.pipelining (ScheduleGPipe, Schedule1F1B).
 
 Same GPT, same stage split (plait's partition, balanced by FLOPs), same micro-batches, CPU Gloo,
-pp = 2 and 4. The four variants alternate round by round (plait-gpipe, torch-gpipe, plait-1f1b,
-torch-1f1b, ...) and each reports the median step time (forward + backward of all micro-batches;
-a step ends when its slowest rank does). plait's step is its full `forward_backward`, including
-the tied embedding/head gradient sum and the loss shared with every rank, which torch's stages
-do not do; "sched-only" counts only the time inside plait's schedule (the same work as torch's
-step). plait's measured bubble (each stage's idle share of the pipelined step, 1 − compute /
-step span, averaged over stages, read on the first stage) is printed next to the theoretical
-(p−1)/(m+p−1) for equal stages and free communication.
+pp = 2 and 4. Each round runs every variant once, plait and torch side by side in alternating
+order (plait first on even rounds, torch first on odd ones, so neither side always inherits the
+other's warm heap and caches); each reports the median step time (forward + backward of all
+micro-batches; a step ends when its slowest rank does). plait's step is its full
+`forward_backward`, including the tied embedding/head gradient sum and the loss shared with
+every rank, which torch's stages do not do; "sched-only" counts only the time inside plait's
+schedule (the same work as torch's step).
+
+plait's measured bubble (each stage's idle share of the pipelined step, 1 − compute / step span,
+averaged over stages, read on the first stage) is printed next to two theories: the closed form
+(p−1)/(m+p−1), for equal stages and free communication, and "model", the same schedule replayed
+with the durations the step's actions really took and free communication. Measured − model is
+what transfers and the runtime added; model − closed form is what unequal and uneven stage
+compute added. The model is 256 wide so that a stage's compute dwarfs the per-micro-batch costs
+that do not grow with width (the head's share, transfer latency), as it does at real scale.
 
     python benchmarks/pp_vs_torch.py [--quick] [--json benchmarks/results/pp_vs_torch.json]
 """
@@ -25,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import median, print_table, slowest_rank_steps, write_json  # noqa: E402
+from common import median, print_table, round_order, slowest_rank_steps, write_json  # noqa: E402
 from plait.config import ModelConfig  # noqa: E402
 from plait.testing import WorkerPool  # noqa: E402
 
@@ -68,11 +75,12 @@ def _bench(model_kw: dict, micro_batch: int, ms: list[int], rounds: int, warmup:
                 ours.forward_backward(batches)
                 ours.zero_grad(set_to_none=True)
                 stats = ours.last_stats
-                # (mean bubble over stages, this rank's time inside the schedule, stage imbalance)
+                # (mean bubble over stages, this rank's time inside the schedule, stage imbalance,
+                #  bubble of the step's own action times replayed with free communication)
                 metrics = ours.step_metrics()
                 compute = metrics["pp_compute_s"]
                 return (metrics["bubble"], stats[rank].compute_s + stats[rank].wait_s,
-                        max(compute) / min(compute))
+                        max(compute) / min(compute), metrics["bubble_model"])
 
             def torch_step(peer=peer, x=x, y=y, chunk=chunk):
                 if rank == 0:
@@ -97,11 +105,11 @@ def _bench(model_kw: dict, micro_batch: int, ms: list[int], rounds: int, warmup:
         for _ in range(warmup):
             timed(fn)
     times = {k: [] for k in steps}
-    bubbles, schedule_only, imbalance = ({k: [] for k in steps} for _ in range(3))
-    for _ in range(rounds):
+    bubbles, schedule_only, imbalance, modelled = ({k: [] for k in steps} for _ in range(4))
+    for i in range(rounds):
         for m in ms:
             for schedule in SCHEDULES:
-                for side in ("plait", "torch"):  # A B A B ...
+                for side in round_order(("plait", "torch"), i):  # A B, B A, ...
                     k = f"{side}-{schedule}-{m}"
                     t, extra = timed(steps[k])
                     times[k].append(t)
@@ -109,7 +117,9 @@ def _bench(model_kw: dict, micro_batch: int, ms: list[int], rounds: int, warmup:
                         bubbles[k].append(extra[0])
                         schedule_only[k].append(extra[1])
                         imbalance[k].append(extra[2])
-    return {"times": times, "bubbles": bubbles, "schedule_only": schedule_only, "imbalance": imbalance}
+                        modelled[k].append(extra[3])
+    return {"times": times, "bubbles": bubbles, "schedule_only": schedule_only, "imbalance": imbalance,
+            "modelled": modelled}
 
 
 def main() -> None:
@@ -121,9 +131,10 @@ def main() -> None:
         model_kw = dict(n_layer=8, n_head=4, n_embd=64, block_size=64, dropout=0.0)
         micro_batch, ms, rounds, warmup = 4, [4], 3, 1
     else:
-        model_kw = dict(n_layer=8, n_head=4, n_embd=128, block_size=128, dropout=0.0)
+        model_kw = dict(n_layer=8, n_head=4, n_embd=256, block_size=64, dropout=0.0)
         micro_batch, ms, rounds, warmup = 4, [4, 8], 16, 2
     load_before = os.getloadavg()
+    cpus = len(os.sched_getaffinity(0))
     rows, records = [], []
     for pp in (2, 4):
         with WorkerPool(pp, timeout_s=1800, threads=1) as pool:
@@ -136,19 +147,23 @@ def main() -> None:
                 sched = median(slowest_rank_steps([r["schedule_only"][ours_k] for r in per_rank]))
                 bubble = median(per_rank[0]["bubbles"][ours_k])
                 imbalance = median(per_rank[0]["imbalance"][ours_k])
+                model = median(per_rank[0]["modelled"][ours_k])
                 theory = (pp - 1) / (m + pp - 1)
                 rec = {"pp": pp, "schedule": schedule, "m": m, "plait_step_s": step[ours_k],
                        "torch_step_s": step[peer_k], "ratio": step[ours_k] / step[peer_k],
                        "plait_schedule_only_s": sched, "ratio_schedule_only": sched / step[peer_k],
                        "bubble_measured": bubble, "bubble_theory": theory,
                        "bubble_rel_err": (bubble - theory) / theory,
-                       "stage_compute_max_over_min": imbalance}
+                       "bubble_model": model, "bubble_rel_err_model": (bubble - model) / model,
+                       "stage_compute_max_over_min": imbalance,
+                       "oversubscribed": pp > cpus}
                 records.append(rec)
                 rows.append([pp, schedule, m, f"{rec['plait_step_s'] * 1e3:.1f}",
                              f"{rec['torch_step_s'] * 1e3:.1f}", f"{rec['ratio']:.3f}",
                              f"{rec['ratio_schedule_only']:.3f}",
                              f"{bubble:.3f}", f"{theory:.3f}", f"{100 * rec['bubble_rel_err']:+.0f}%",
-                             f"{imbalance:.3f}"])
+                             f"{model:.3f}", f"{100 * rec['bubble_rel_err_model']:+.0f}%",
+                             f"{imbalance:.3f}" + (" *" if pp > cpus else "")])
     ratio = math.exp(sum(math.log(r["ratio"]) for r in records) / len(records))
     ratio_sched = math.exp(sum(math.log(r["ratio_schedule_only"]) for r in records) / len(records))
     from plait.models import GPT
@@ -170,7 +185,10 @@ def main() -> None:
                 f"{model_kw['block_size']} tokens, gloo, 1 thread/rank (median of {rounds} steps; "
                 f"geo-mean ratio {ratio:.3f})",
                 ["pp", "schedule", "m", "plait ms", "torch ms", "ratio", "sched-only", "bubble",
-                 "theory", "Δ", "max/min stage"], rows)
+                 "theory", "Δ", "model", "Δ", "max/min stage"], rows)
+    if any(r["oversubscribed"] for r in records):
+        print(f"* {cpus} CPU cores for more ranks: stages share cores, so their compute times and "
+              "bubble are not those of one device per stage")
 
 
 if __name__ == "__main__":
