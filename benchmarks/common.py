@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -30,6 +31,17 @@ def median(xs: list[float]) -> float:
 def slowest_rank_steps(per_rank: list[list[float]]) -> list[float]:
     """Per-step times of a job: a step ends when its slowest rank does."""
     return [max(ts) for ts in zip(*per_rank)]
+
+
+def benchmark_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes (DESIGN's convention): `--quick` and `--json PATH`.
+
+    Returned unparsed so a benchmark can add options of its own.
+    """
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--json", help="write results here")
+    return ap
 
 
 def round_order(names: list[str] | tuple[str, ...], round_index: int) -> list[str]:

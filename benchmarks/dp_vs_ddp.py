@@ -9,7 +9,6 @@ reports the median step time (forward, backward with gradient all-reduce, AdamW 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -18,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import median, print_table, slowest_rank_steps, write_json  # noqa: E402
+from common import benchmark_parser, median, print_table, slowest_rank_steps, write_json  # noqa: E402
 from plait.config import ModelConfig  # noqa: E402
 from plait.testing import WorkerPool  # noqa: E402
 
@@ -68,9 +67,7 @@ def _bench(model_kw: dict, batch: int, bucket_mb: float, rounds: int, steps: int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer rounds (under a minute)")
-    ap.add_argument("--json", help="write results here")
+    ap = benchmark_parser(__doc__, "fewer rounds (under a minute)")
     ap.add_argument("--bucket-mb", type=float, default=4.0)
     args = ap.parse_args()
     model_kw = dict(n_layer=6, n_head=8, n_embd=256, block_size=128, dropout=0.0)

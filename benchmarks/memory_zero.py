@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import sys
@@ -28,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import print_table, write_json  # noqa: E402
+from common import benchmark_parser, print_table, write_json  # noqa: E402
 from plait.config import ModelConfig  # noqa: E402
 from plait.testing import WorkerPool  # noqa: E402
 
@@ -188,9 +187,7 @@ def _hierarchical(model_kw: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smaller activations and fewer steps (under a minute)")
-    ap.add_argument("--json", help="write results here")
+    ap = benchmark_parser(__doc__, "smaller activations and fewer steps (under a minute)")
     args = ap.parse_args()
     act_kw = dict(TINY_GPT, block_size=64) if args.quick else TINY_GPT
     act_batch = 4 if args.quick else 8

@@ -22,7 +22,6 @@ that do not grow with width (the head's share, transfer latency), as it does at 
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -32,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import median, print_table, round_order, slowest_rank_steps, write_json  # noqa: E402
+from common import (benchmark_parser, median, print_table, round_order,  # noqa: E402
+                    slowest_rank_steps, write_json)
 from plait.config import ModelConfig  # noqa: E402
 from plait.testing import WorkerPool  # noqa: E402
 
@@ -123,9 +123,7 @@ def _bench(model_kw: dict, micro_batch: int, ms: list[int], rounds: int, warmup:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer rounds, m = 4 only (under a minute)")
-    ap.add_argument("--json", help="write results here")
+    ap = benchmark_parser(__doc__, "fewer rounds, m = 4 only (under a minute)")
     args = ap.parse_args()
     if args.quick:
         model_kw = dict(n_layer=8, n_head=4, n_embd=64, block_size=64, dropout=0.0)

@@ -12,7 +12,6 @@ in machine load hits all of them alike; medians are reported.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -21,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import median, print_table, slowest_rank_steps, write_json  # noqa: E402
+from common import benchmark_parser, median, print_table, slowest_rank_steps, write_json  # noqa: E402
 from plait.config import ModelConfig  # noqa: E402
 from plait.testing import WorkerPool  # noqa: E402
 
@@ -149,9 +148,7 @@ def _measure(pools: dict, model_kw: dict, batch: int, rounds: int, steps: int, w
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer rounds (under a minute)")
-    ap.add_argument("--json", help="write results here")
+    ap = benchmark_parser(__doc__, "fewer rounds (under a minute)")
     args = ap.parse_args()
     rounds, steps, warmup = (2, 3, 1) if args.quick else (8, 8, 2)
     pools = {n: WorkerPool(n, timeout_s=1800, threads=1) for n in (WORKERS, WORKERS + 1, WORKERS + 2)}

@@ -13,7 +13,6 @@ clipping and an AdamW step on the same batch; the variants alternate round by ro
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -23,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import median, print_table, slowest_rank_steps, write_json  # noqa: E402
+from common import benchmark_parser, median, print_table, slowest_rank_steps, write_json  # noqa: E402
 from plait.config import ModelConfig  # noqa: E402
 from plait.testing import WorkerPool  # noqa: E402
 
@@ -132,9 +131,7 @@ def _bench(model_kw: dict, batch: int, rounds: int, steps: int, warmup: int) -> 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a smaller model and fewer rounds (under a minute)")
-    ap.add_argument("--json", help="write results here")
+    ap = benchmark_parser(__doc__, "a smaller model and fewer rounds (under a minute)")
     args = ap.parse_args()
     if args.quick:
         model_kw = dict(n_layer=4, n_head=8, n_embd=128, block_size=128, dropout=0.0)

@@ -19,7 +19,6 @@ buffers are not seen by either.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
@@ -29,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import median, print_table, slowest_rank_steps, write_json  # noqa: E402
+from common import benchmark_parser, median, print_table, slowest_rank_steps, write_json  # noqa: E402
 from plait.config import ModelConfig  # noqa: E402
 from plait.testing import WorkerPool  # noqa: E402
 
@@ -124,9 +123,7 @@ def _memory(side: str, model_kw: dict, batch: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a smaller model and fewer rounds (under a minute)")
-    ap.add_argument("--json", help="write results here")
+    ap = benchmark_parser(__doc__, "a smaller model and fewer rounds (under a minute)")
     args = ap.parse_args()
     if args.quick:
         model_kw = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0)
