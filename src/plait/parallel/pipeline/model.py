@@ -179,13 +179,13 @@ class PipelineParallelModel(ParallelModel):
         every = [torch.empty_like(mine) for _ in self._pp_ranks]
         dist.all_gather(every, mine, group=self.mesh.pp_group)
         self.last_span_s = time.perf_counter() - start
-        every = [e.cpu() for e in every]
-        self.last_stats = [StepStats(compute_s=float(e[2]), wait_s=float(e[1]), peak_stashed=int(e[3]),
-                                     microbatches=len(batches), durations=e[4:].tolist()) for e in every]
+        rows = torch.stack(every).tolist()  # one copy to the host for every stage's timings
+        self.last_stats = [StepStats(compute_s=e[2], wait_s=e[1], peak_stashed=int(e[3]),
+                                     microbatches=len(batches), durations=e[4:]) for e in rows]
         for work in tied:
             work.wait()
         self.steps_done += 1
-        return every[-1][0].float().to(self.mesh.device)
+        return every[-1][0].float()
 
     @torch.no_grad()
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor,
