@@ -18,7 +18,7 @@ from plait.parallel.compression import PowerSGDHook, TopKHook, build_compression
 from plait.parallel.data import GradientReducer
 from plait.parallelize import parallelize
 from plait.train.trainer import Trainer
-from tests.helpers import tiny_model_config, tiny_run_config
+from tests.helpers import max_abs_diff, tiny_model_config, tiny_run_config
 
 # The GPT of examples/tiny_gpt.toml.
 TINY_GPT = dict(n_layer=4, n_head=4, n_embd=128, block_size=128)
@@ -126,7 +126,7 @@ def _topk_error_feedback(ratio: float):
     captured["local"] = torch.cat([g.reshape(-1) for g in local])  # bucket order: reversed params
     loss.backward()
     reducer.remove()
-    return captured["local"], hook.error[0]
+    return captured["local"], hook.error["0"]
 
 
 def test_topk_keeps_what_it_did_not_send(pools):
@@ -195,3 +195,75 @@ def test_bad_compression_fields(tmp_path, field, value, match):
     from plait.config import validate
     with pytest.raises(ConfigError, match=match):
         validate(tiny_run_config(tmp_path, parallel={field: value}))
+
+
+def _train(cfg_dict: dict, stop_at: int | None = None) -> dict:
+    """Train per `cfg_dict` (to the end, or to `stop_at` and checkpoint); report what resume needs."""
+    cfg = Config.from_dict(cfg_dict)
+    mesh = ParallelMesh.build()
+    train, val = load_token_splits(cfg.data.path, cfg.model.block_size, cfg.data.val_fraction)
+    trainer = Trainer(cfg, mesh, train, val)
+    start_seen = trainer.model.reducer.comm_hook.warmup.seen  # after any resume
+    if stop_at is not None:
+        while trainer.step < stop_at:
+            trainer.train_step()
+        trainer.save()
+        return {}
+    summary = trainer.fit()
+    return {"losses": [h["loss"] for h in summary["history"]], "start_seen": start_seen,
+            "params": {k: v.detach().clone() for k, v in trainer.model.module.state_dict().items()}}
+
+
+@pytest.mark.parametrize("kind", ["powersgd", "topk"])
+def test_resume_restores_error_feedback_bit_exact(pools, tmp_path, kind):
+    """6 steps straight vs 4, checkpoint, resume to 6 (compression from step 3): the resumed run
+    goes on with each rank's error feedback, warm start and warm-up count, bit for bit."""
+    def cfg(name: str, **extra) -> dict:
+        return tiny_run_config(tmp_path, train={"steps": 6, "out_dir": str(tmp_path / name)},
+                               parallel={"compression": kind, "compression_warmup": 2,
+                                         "powersgd_rank": 2, "topk_ratio": 0.1}, **extra).to_dict()
+    full = pools(2).run(_train, cfg("straight"))[0]
+    pools(2).run(_train, cfg("cut"), 4)
+    resumed = pools(2).run(_train, cfg("cut", checkpoint={"resume": "auto"}))
+    assert [r["start_seen"] for r in resumed] == [4, 4]
+    assert resumed[0]["losses"] == full["losses"][4:]
+    assert max_abs_diff(resumed[0]["params"], full["params"]) == 0.0
+
+
+def test_compression_state_that_does_not_fit_restarts_the_warm_up(pools, tmp_path):
+    """Saved with one bucket size, resumed with another: the per-bucket state cannot apply, so the
+    run warns and compresses afresh (warm-up first) instead of failing or misapplying it."""
+    def cfg(**parallel) -> dict:
+        return tiny_run_config(tmp_path, train={"steps": 6, "out_dir": str(tmp_path / "run")},
+                               parallel={"compression": "topk", "compression_warmup": 2, **parallel},
+                               checkpoint={"resume": "auto"}).to_dict()
+    pools(2).run(_train, cfg(bucket_mb=25.0), 4)
+    resumed = pools(2).run(_train, cfg(bucket_mb=0.001))  # many small buckets now
+    assert [r["start_seen"] for r in resumed] == [0, 0]
+    assert len(resumed[0]["losses"]) == 2
+
+
+def _damaged(good: dict) -> list[dict]:
+    """Ways a saved PowerSGD state can fail to fit: another kind or rank, a bad count, a
+    non-mapping, a slot this run lacks, a wrong shape."""
+    k = next(iter(good["error"]))
+    return [{**good, "kind": "topk"}, {**good, "rank": 3}, {**good, "seen": "four"},
+            {**good, "q": [1, 2]}, {**good, "error": {"99/0": torch.zeros(2)}},
+            {**good, "error": {**good["error"], k: good["error"][k][:1]}}]
+
+
+def _fits() -> list[bool]:
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config())
+    mesh = ParallelMesh.build()
+    hook = PowerSGDHook(rank=2)
+    reducer = GradientReducer(model, mesh.dp_group, comm_hook=hook)
+    x = torch.randint(0, 256, (2, 17))
+    model(x[:, :-1], x[:, 1:])[1].backward()
+    reducer.remove()
+    good = hook.state_dict()
+    return [hook.fits(good, reducer.buckets)] + [hook.fits(s, reducer.buckets) for s in _damaged(good)]
+
+
+def test_damaged_compression_state_is_recognised(pools):
+    assert pools(2).run(_fits)[0] == [True] + [False] * 6

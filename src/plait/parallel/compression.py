@@ -18,8 +18,10 @@ represent exactly (up to 256 ranks), or they travel beside the compressed part i
   feedback for the next step.
 
 PowerSGD and top-k send uncompressed for the first `parallel.compression_warmup` steps
-(:class:`Warmup`). Their error feedback and Q matrices are per-rank, in-memory state: they are
-not checkpointed, so a resumed run starts them (and the warm-up) afresh.
+(:class:`Warmup`). Their error feedback, Q matrices and warm-up count are per-rank state that
+checkpoints carry (`state_dict` / `load_state_dict`): a run resumed under the same layout goes on
+exactly where it stopped; under another layout (world size, buckets) the state would not fit,
+and `fits` says so before anything is loaded.
 
 Every hook counts its bytes in `stats` (:class:`~plait.parallel.comm_hooks.WireStats`).
 """
@@ -90,6 +92,17 @@ class Warmup:
         return self.seen > self.steps
 
 
+def _key(bucket: int, slot: int) -> str:
+    return f"{bucket}/{slot}"
+
+
+def _shapes_fit(saved: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> bool:
+    """Every saved tensor names a slot of this run's buckets and has that slot's shape."""
+    return isinstance(saved, dict) and all(
+        k in expected and isinstance(v, torch.Tensor) and tuple(v.shape) == expected[k]
+        for k, v in saved.items())
+
+
 def matrix_shape(p: torch.Tensor) -> tuple[int, int]:
     """The 2-D view PowerSGD compresses: (first dimension, everything else)."""
     return p.shape[0], p.numel() // p.shape[0]
@@ -105,8 +118,32 @@ class PowerSGDHook:
         self.seed = seed
         self.warmup = Warmup(warmup)
         self.stats = WireStats()
-        self.q: dict[tuple[int, int], torch.Tensor] = {}  # (bucket, slot) -> Q (m×r), warm start
-        self.error: dict[tuple[int, int], torch.Tensor] = {}  # (bucket, slot) -> error feedback
+        self.q: dict[str, torch.Tensor] = {}  # "bucket/slot" -> Q (m×r), warm start
+        self.error: dict[str, torch.Tensor] = {}  # "bucket/slot" -> error feedback (n×m)
+
+    def state_dict(self) -> dict:
+        """This rank's compression state: warm-up count, warm-start Qs and error feedback."""
+        return {"kind": "powersgd", "rank": self.rank, "seen": self.warmup.seen,
+                "q": {k: v.detach().clone() for k, v in self.q.items()},
+                "error": {k: v.detach().clone() for k, v in self.error.items()}}
+
+    def fits(self, state: dict, buckets: list[Bucket]) -> bool:
+        """Whether `state` was saved by a PowerSGD hook of the same rank over the same buckets."""
+        if state.get("kind") != "powersgd" or state.get("rank") != self.rank:
+            return False
+        mats = {_key(b.index, s): matrix_shape(p) for b in buckets
+                for s, p in enumerate(b.params) if self.compresses(p)}
+        qs = {k: (m, self.rank) for k, (_, m) in mats.items()}
+        return (isinstance(state.get("seen"), int) and _shapes_fit(state.get("q"), qs)
+                and _shapes_fit(state.get("error"), mats))
+
+    def load_state_dict(self, state: dict) -> None:
+        self.warmup.seen = int(state["seen"])
+        self.q = {k: v.clone() for k, v in state["q"].items()}
+        self.error = {k: v.clone() for k, v in state["error"].items()}
+
+    def reset(self) -> None:
+        self.warmup.seen, self.q, self.error = 0, {}, {}
 
     def check(self, model: nn.Module) -> None:
         """Refuse a rank larger than a gradient matrix's smaller dimension, naming the parameter."""
@@ -141,7 +178,7 @@ class PowerSGDHook:
             (mats if self.compresses(p) else plain).append((slot, p, view))
         ms, ps = [], []
         for slot, p, view in mats:
-            key = (bucket.index, slot)
+            key = _key(bucket.index, slot)
             m = view.view(matrix_shape(p))
             if key in self.error:
                 m.add_(self.error[key])  # error feedback, in place: the bucket is rewritten below
@@ -176,7 +213,7 @@ class PowerSGDHook:
                 q_sum = second[at:at + q.numel()].view_as(q)
                 at += q.numel()
                 approx_sum = p_hat @ q_sum.t()
-                key = (bucket.index, slot)
+                key = _key(bucket.index, slot)
                 self.error[key] = m - approx_sum / n_ranks  # what the average approximation missed
                 self.q[key] = q_sum / n_ranks  # warm start for the next step
                 m.copy_(approx_sum)
@@ -193,21 +230,39 @@ class TopKHook:
         self.ratio = ratio
         self.warmup = Warmup(warmup)
         self.stats = WireStats()
-        self.error: dict[int, torch.Tensor] = {}  # bucket -> error feedback
+        self.error: dict[str, torch.Tensor] = {}  # "bucket" -> error feedback
+
+    def state_dict(self) -> dict:
+        """This rank's compression state: warm-up count and error feedback."""
+        return {"kind": "topk", "seen": self.warmup.seen,
+                "error": {k: v.detach().clone() for k, v in self.error.items()}}
+
+    def fits(self, state: dict, buckets: list[Bucket]) -> bool:
+        """Whether `state` was saved by a top-k hook over the same buckets."""
+        return (state.get("kind") == "topk" and isinstance(state.get("seen"), int)
+                and _shapes_fit(state.get("error"), {str(b.index): (b.numel,) for b in buckets}))
+
+    def load_state_dict(self, state: dict) -> None:
+        self.warmup.seen = int(state["seen"])
+        self.error = {k: v.clone() for k, v in state["error"].items()}
+
+    def reset(self) -> None:
+        self.warmup.seen, self.error = 0, {}
 
     def __call__(self, bucket: Bucket, group) -> Pending:
         n_ranks = group_size(group)
         if not self.warmup.compressing(bucket):
             return counted_all_reduce(bucket, group, self.stats)
         grads = bucket.grads
-        if bucket.index in self.error:
-            grads.add_(self.error[bucket.index])
+        key = str(bucket.index)
+        if key in self.error:
+            grads.add_(self.error[key])
         k = max(1, math.ceil(self.ratio * grads.numel()))
         idx = grads.abs().topk(k, sorted=False).indices
         values = grads[idx]
         error = grads.clone()
         error[idx] = 0
-        self.error[bucket.index] = error
+        self.error[key] = error
         # One byte-level message per rank: values | flags | int32 indices (bits moved, not summed).
         mine = torch.cat([values.view(torch.uint8), bucket.flags.reshape(-1).view(torch.uint8),
                           idx.to(torch.int32).view(torch.uint8)])

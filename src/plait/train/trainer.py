@@ -106,6 +106,7 @@ class Trainer:
             raise CheckpointError(
                 f"checkpoint {str(path)!r} does not fit this model/optimizer (check [model]): {exc}"
             ) from None
+        self._load_comm_state(parts.get("comm"), path)
         state = parts["state"]
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
@@ -119,20 +120,46 @@ class Trainer:
         self.resumed_from = Path(path)
         log.info("resumed from %s at step %d", path, self.step)
 
+    def _load_comm_state(self, comm: list[Any] | None, path: str | Path) -> None:
+        """Give each rank its own compression state back, when the checkpoint has one that fits."""
+        if comm is None:
+            return
+        if self.model.comm_state() is None:
+            log.info("checkpoint %s: its gradient-compression state is unused (this run does not "
+                     "compress)", path)
+            return
+        if not isinstance(comm, list) or len(comm) != self.mesh.world_size:
+            fits = False
+        else:
+            fits = self.model.load_comm_state(comm[self.mesh.rank])
+        if dist.is_initialized() and self.mesh.world_size > 1:  # every rank, or none, goes on with it
+            flag = torch.tensor([0.0 if fits else 1.0], device=self.device)
+            dist.all_reduce(flag)
+            fits = flag.item() == 0
+        if not fits:
+            log.warning("checkpoint %s: its gradient-compression state does not fit this run (world "
+                        "size, compression or buckets changed); compression restarts with its "
+                        "warm-up", path)
+            self.model.reset_comm_state()
+
     def save(self) -> Path | None:
         """Write a checkpoint of the current step (main rank writes; all ranks take part)."""
-        rng = torch.get_rng_state()
+        per_rank = (torch.get_rng_state(), self.model.comm_state())
         if dist.is_initialized() and self.mesh.world_size > 1:
-            states: list[Any] = [None] * self.mesh.world_size
-            dist.all_gather_object(states, rng)
+            # Gathered on the main rank only: compression state is as large as the gradients.
+            gathered: list[Any] | None = [None] * self.mesh.world_size if self.mesh.is_main else None
+            dist.gather_object(per_rank, gathered, dst=0)
         else:
-            states = [rng]
+            gathered = [per_rank]
         path = None
         parts = self.model.checkpoint_state(self.optimizer)  # collective
         if self.mesh.is_main:
-            state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": states,
+            state = {"step": self.step, "sampler": self.sampler.state_dict(),
+                     "rng": [rng for rng, _ in gathered],
                      "config": self.cfg.to_dict(), "mesh": vars(self.mesh.shape)}
-            path = save_checkpoint(self.ckpt_dir, self.step, {**parts, "state": state},
+            comm = [c for _, c in gathered]
+            extra = {"comm": comm} if any(c is not None for c in comm) else {}
+            path = save_checkpoint(self.ckpt_dir, self.step, {**parts, "state": state, **extra},
                                    keep=self.cfg.checkpoint.keep)
         self.mesh.barrier()
         return path
