@@ -1,7 +1,8 @@
 """plait's bucketed gradient reducer vs torch DDP (and plait's naive per-parameter mode).
 
-Same GPT, same batch, dp=2 on the CPU with Gloo. The variants alternate round by round
-(plait, DDP, naive, plait, DDP, ...) so drift in machine load hits all of them alike; each
+Same GPT, same batch, dp=2 on the CPU with Gloo. The variants take turns round by round,
+in an order reversed every other round (plait, DDP, naive, then naive, DDP, plait, ...), so drift in
+machine load and whatever one variant leaves warm for the next hit all of them alike; each
 reports the median step time (forward, backward with gradient all-reduce, AdamW step).
 
     python benchmarks/dp_vs_ddp.py [--quick] [--json benchmarks/results/dp_vs_ddp.json]
@@ -17,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import benchmark_parser, median, print_table, slowest_rank_steps, write_json  # noqa: E402
+from common import (benchmark_parser, median, print_table, round_order, slowest_rank_steps,  # noqa: E402
+                    write_json)
 from plait.config import ModelConfig  # noqa: E402
 from plait.testing import WorkerPool  # noqa: E402
 
@@ -60,8 +62,8 @@ def _bench(model_kw: dict, batch: int, bucket_mb: float, rounds: int, steps: int
     for name in VARIANTS:
         for _ in range(warmup):
             step(name)
-    for _ in range(rounds):
-        for name in VARIANTS:
+    for r in range(rounds):
+        for name in round_order(list(VARIANTS), r):
             times[name] += [step(name) for _ in range(steps)]
     return times
 

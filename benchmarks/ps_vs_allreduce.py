@@ -4,8 +4,9 @@ Same GPT, same per-worker batch, 2 workers on the CPU with Gloo. The all-reduce 
 ranks (GradientReducer + AdamW on each); a parameter-server job adds 1 or 2 server processes that
 hold the parameters and run AdamW on their shard. Sync step time is the slowest worker's
 forward + backward + exchange (+ optimizer step for all-reduce); async reports samples/s over
-the whole run, since its workers never line up. The variants alternate round by round, so drift
-in machine load hits all of them alike; medians are reported.
+the whole run, since its workers never line up. The variants take turns round by round, in an
+order reversed every other round, so drift in machine load and whatever one variant leaves warm for
+the next hit all of them alike; medians are reported.
 
     python benchmarks/ps_vs_allreduce.py [--quick] [--json benchmarks/results/ps_vs_allreduce.json]
 """
@@ -20,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import benchmark_parser, median, print_table, slowest_rank_steps, write_json  # noqa: E402
+from common import (benchmark_parser, median, print_table, round_order, slowest_rank_steps,  # noqa: E402
+                    write_json)
 from plait.config import ModelConfig  # noqa: E402
 from plait.testing import WorkerPool  # noqa: E402
 
@@ -125,8 +127,8 @@ def _measure(pools: dict, model_kw: dict, batch: int, rounds: int, steps: int, w
     step_s = {n: [] for n in VARIANTS}
     samples = {n: [] for n in VARIANTS}
     bytes_per_step = {}
-    for _ in range(rounds):
-        for name in VARIANTS:  # interleaved: A B C D E, A B C D E, ...
+    for r in range(rounds):
+        for name in round_order(list(VARIANTS), r):  # A B C D E, E D C B A, ...
             out = _run(pools, name, model_kw, batch, steps, warmup)
             step_s[name] += out["step_s"]
             if "samples_per_s" in out:

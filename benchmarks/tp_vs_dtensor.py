@@ -5,8 +5,9 @@ The same GPT from the same weights, split two ways over 2 CPU processes: plait's
 torch's `parallelize_module` with ColwiseParallel (qkv, fc, head) / RowwiseParallel (proj,
 embedding) and `loss_parallel`, the qkv rows permuted so each rank holds whole q, k and v heads as
 plait does. Both compute the same losses (checked on the warm-up steps). Each step is forward, backward, gradient
-clipping and an AdamW step on the same batch; the variants alternate round by round
-(plait, torch, plait + sequence parallelism, plait, ...) and report median step times.
+clipping and an AdamW step on the same batch; the variants take turns round by round,
+in an order reversed every other round (plait, torch, plait + sequence parallelism, then the
+reverse), and report median step times.
 
     python benchmarks/tp_vs_dtensor.py [--quick] [--json benchmarks/results/tp_vs_dtensor.json]
 """
@@ -22,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import benchmark_parser, median, print_table, slowest_rank_steps, write_json  # noqa: E402
+from common import (benchmark_parser, median, print_table, round_order, slowest_rank_steps,  # noqa: E402
+                    write_json)
 from plait.config import ModelConfig  # noqa: E402
 from plait.testing import WorkerPool  # noqa: E402
 
@@ -124,8 +126,8 @@ def _bench(model_kw: dict, batch: int, rounds: int, steps: int, warmup: int) -> 
     # Warm-up steps double as the agreement check: same weights, same batch, same updates.
     warmup_losses = {name: [step(name)[1] for _ in range(warmup)] for name in VARIANTS}
     times = {n: [] for n in VARIANTS}
-    for _ in range(rounds):
-        for name in VARIANTS:
+    for r in range(rounds):
+        for name in round_order(list(VARIANTS), r):
             times[name] += [step(name)[0] for _ in range(steps)]
     return {"times": times, "warmup_losses": warmup_losses}
 

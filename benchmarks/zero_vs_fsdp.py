@@ -4,7 +4,7 @@ The same GPT from the same weights, sharded two ways over 2 CPU processes: plait
 `parallelize(..., ParallelConfig(zero=3))` with its sharded AdamW, and FSDP2 with `fully_shard`
 on every block and then on the root, with torch's AdamW over the DTensor parameters (same
 decay / no-decay groups). Each step is forward, backward, gradient clipping and an AdamW step;
-each rank trains on its own batch. The two sides alternate round by round (A B A B ...) and the
+each rank trains on its own batch. The two sides take turns round by round (A B, B A, A B, ...) and the
 medians of the per-step times (the slower rank's) are reported. Losses of the warm-up steps are
 compared, so both sides provably do the same work.
 
@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import benchmark_parser, median, print_table, slowest_rank_steps, write_json  # noqa: E402
+from common import (benchmark_parser, median, print_table, round_order, slowest_rank_steps,  # noqa: E402
+                    write_json)
 from plait.config import ModelConfig  # noqa: E402
 from plait.testing import WorkerPool  # noqa: E402
 
@@ -94,7 +95,7 @@ def _time(model_kw: dict, batch: int, rounds: int, steps: int, warmup: int) -> d
     losses = {s: [built[s][2](*_batch(model_kw, batch, i)) for i in range(warmup)] for s in SIDES}
     times: dict[str, list[float]] = {s: [] for s in SIDES}
     for r in range(rounds):
-        for s in SIDES:
+        for s in round_order(SIDES, r):
             for k in range(steps):
                 x, y = _batch(model_kw, batch, warmup + r * steps + k)
                 dist.barrier()
