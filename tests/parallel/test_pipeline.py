@@ -180,12 +180,12 @@ def test_checkpoint_loads_at_another_pipeline_size(pools, references, tmp_path, 
 
 
 def test_3d_dp2_pp2_tp2_trains_like_one_process_and_reshards(pools, references, tmp_path):
-    """(dp, pp, tp) = (2, 2, 2) on 8 processes with 1F1B; a checkpoint saved there after 3 steps
-    continues at (1, 4, 1) like one process. Eight processes on two cores are kept to this one
+    """(dp, pp, tp) = (2, 2, 2) on 8 processes with 1F1B and selective recomputation; a checkpoint
+    saved there after 3 steps continues at (1, 4, 1) like one process. Eight processes on two cores are kept to this one
     layout to keep the suite short; interleaving is covered at pp=2 and 4, sequence parallelism
     at dp×tp (not yet inside pipeline stages)."""
     m = 4
-    layouts = {"1f1b": dict(dp=2, pp=2, tp=2, schedule="1f1b", partition="flops")}
+    layouts = {"1f1b": dict(dp=2, pp=2, tp=2, schedule="1f1b", partition="flops", recompute="selective")}
     jobs = [(_config(tmp_path, name, 4, m, **layout).to_dict(), {}) for name, layout in layouts.items()]
     jobs.append((_config(tmp_path, "reshard", 4, m, **layouts["1f1b"]).to_dict(), {"stop_at": 3}))
     per_rank = pools(8).run(_run_many, jobs)

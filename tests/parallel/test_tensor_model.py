@@ -68,12 +68,13 @@ def _max_shard_diff(result: dict, ref: dict) -> float:
     return worst
 
 
-def _config(tmp_path, name: str, dp: int = 1, tp: int = 1, sp: bool = False, vocab: int = 256, **train):
+def _config(tmp_path, name: str, dp: int = 1, tp: int = 1, sp: bool = False, vocab: int = 256,
+            recompute: str = "none", **train):
     micro = GLOBAL_BATCH // dp
     return tiny_run_config(
         tmp_path, model={"n_head": 4, "vocab_size": vocab},
         train={"micro_batch_size": micro, "out_dir": str(tmp_path / name), **train},
-        parallel={"dp": dp, "tp": tp, "sequence_parallel": sp})
+        parallel={"dp": dp, "tp": tp, "sequence_parallel": sp, "recompute": recompute})
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +99,16 @@ def test_dp_tp_training_matches_one_process(pools, tmp_path, reference, dp, tp, 
     for r in results[tp:]:
         twin = results[r["tp_rank"]]
         assert all(torch.equal(v, twin["params"][k]) for k, v in r["params"].items())
+
+
+@pytest.mark.parametrize("dp,tp,sp,recompute", [(1, 2, False, "full"), (2, 2, True, "selective")])
+def test_recomputation_under_tp_trains_like_one_process(pools, tmp_path, reference, dp, tp, sp, recompute):
+    ref = reference[256]
+    cfg = _config(tmp_path, "rc", dp=dp, tp=tp, sp=sp, recompute=recompute)
+    for r in pools(dp * tp).run(train_and_report, cfg.to_dict()):
+        assert r["step"] == 5
+        assert _max_shard_diff(r, ref) < TOL
+        assert r["losses"] == pytest.approx(ref["losses"], abs=TOL)
 
 
 @pytest.mark.parametrize("tp", [2, 4])

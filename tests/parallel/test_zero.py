@@ -76,13 +76,17 @@ def test_zero_training_matches_plain_dp(pools, plain_dp, world, stage):
     assert out[0]["losses"] == pytest.approx(ref["losses"], abs=1e-5)
 
 
-@pytest.mark.parametrize("stage,sequence_parallel", [(1, False), (2, False), (3, False), (2, True)])
-def test_zero_with_tensor_parallelism_matches_plain_dp(pools, plain_dp, stage, sequence_parallel):
-    """dp=2 × tp=2: ZeRO shards each tp shard over its dp group; the gathered state after 5 steps
-    equals plain DP at dp=2 (tp=1) on the same global batch."""
+@pytest.mark.parametrize("stage,sequence_parallel,recompute", [
+    (1, False, "none"), (2, False, "none"), (3, False, "none"), (2, True, "none"), (3, False, "full")])
+def test_zero_with_tensor_parallelism_matches_plain_dp(pools, plain_dp, stage, sequence_parallel, recompute):
+    """dp=2 × tp=2: ZeRO shards each tp shard over its dp group (stage 3 also with recomputation,
+    which gathers each block's shards again in backward); the gathered state after 5 steps equals
+    plain DP at dp=2 (tp=1) on the same global batch."""
     tmp, refs = plain_dp
-    cfg = tiny_run_config(tmp, train={"micro_batch_size": 4, "out_dir": str(tmp / f"tp_z{stage}{sequence_parallel}")},
-                          parallel={"zero": stage, "tp": 2, "dp": 2, "sequence_parallel": sequence_parallel})
+    cfg = tiny_run_config(tmp, train={"micro_batch_size": 4,
+                                      "out_dir": str(tmp / f"tp_z{stage}{sequence_parallel}{recompute}")},
+                          parallel={"zero": stage, "tp": 2, "dp": 2, "sequence_parallel": sequence_parallel,
+                                    "recompute": recompute})
     out = pools(4).run(train_full_state, cfg.to_dict())
     assert all(r is None for r in out[1:])
     assert max_abs_diff(out[0]["model"], refs[2]["model"]) < 1e-5

@@ -10,6 +10,12 @@ layer norms, residual adds and dropout. Those are cheap to recompute but their a
 large share of a block's memory. All random ops are recomputed (none is cached), and checkpoint
 restores the RNG state before recomputing, so dropout masks repeat exactly.
 
+Checkpoint restores only torch's default generators. Modules that draw from a generator of their
+own (tensor parallelism's replicated dropout, whose masks must agree across a tp group) expose it
+as `generator`; the recomputation replays that stream too, from the state it had when the block
+ran forward, and leaves it afterwards where it was, so later forwards (the next micro-batch)
+draw the same masks as without recomputation.
+
 The block's `forward` is replaced on the instance (module names, hooks and state dicts are
 unchanged); :func:`remove_recompute` puts it back. Recomputation only applies when gradients
 are being recorded; evaluation runs the plain forward.
@@ -44,7 +50,42 @@ def _selective_context():
     return create_selective_checkpoint_contexts(_keep_matmuls)
 
 
-def _recomputed(forward: Callable, mode: str) -> Callable:
+def own_generators(block: nn.Module) -> list[torch.Generator]:
+    """The generators that modules of `block` draw from besides torch's default ones."""
+    found: dict[int, torch.Generator] = {}
+    for m in block.modules():
+        g = getattr(m, "generator", None)
+        if isinstance(g, torch.Generator):
+            found[id(g)] = g
+    return list(found.values())
+
+
+def _replaying(forward: Callable, generators: list[torch.Generator]) -> Callable:
+    """`forward` for checkpoint: the first call runs as is; a recomputation replays the first
+    call's draws from `generators`, then puts them back where they were."""
+    if not generators:
+        return forward
+    at_forward = [g.get_state() for g in generators]
+    calls = 0
+
+    def run(*args, **kw):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return forward(*args, **kw)
+        now = [g.get_state() for g in generators]
+        for g, state in zip(generators, at_forward):
+            g.set_state(state)
+        try:
+            return forward(*args, **kw)
+        finally:  # also when checkpoint stops the recomputation early
+            for g, state in zip(generators, now):
+                g.set_state(state)
+
+    return run
+
+
+def _recomputed(forward: Callable, mode: str, generators: list[torch.Generator]) -> Callable:
     kwargs: dict[str, Any] = {"use_reentrant": False}
     if mode == "selective":
         kwargs["context_fn"] = _selective_context
@@ -53,7 +94,7 @@ def _recomputed(forward: Callable, mode: str) -> Callable:
     def run(*args, **kw):
         if not torch.is_grad_enabled():
             return forward(*args, **kw)
-        return checkpoint(forward, *args, **kw, **kwargs)
+        return checkpoint(_replaying(forward, generators), *args, **kw, **kwargs)
 
     return run
 
@@ -68,7 +109,7 @@ def apply_recompute(model: nn.Module, mode: str) -> None:
         if hasattr(block, _ORIGINAL):
             raise ConfigError("recomputation is already applied to this model")
         setattr(block, _ORIGINAL, block.forward)
-        block.forward = _recomputed(block.forward, mode)
+        block.forward = _recomputed(block.forward, mode, own_generators(block))
 
 
 def remove_recompute(model: nn.Module) -> None:

@@ -25,6 +25,7 @@ from plait.config import ParallelConfig
 from plait.errors import CheckpointError, PlanError
 from plait.mesh import ParallelMesh
 from plait.parallel.data import GradientReducer
+from plait.parallel.recompute import apply_recompute
 from plait.parallel.tensor_plan import Plan, apply_plan, resolve_plan
 from plait.parallel.tensor_shard import has_partial_grad, shard_spec, sum_partial_grads
 from plait.parallelize import ParallelModel
@@ -160,8 +161,7 @@ class TensorParallelModel(ParallelModel):
 
 
 # Options of other strategies that this version does not combine with tensor parallelism.
-_NOT_WITH_TP = {"zero": 0, "offload_optimizer": False, "compression": "none", "node_size": 0,
-                "recompute": "none"}
+_NOT_WITH_TP = {"zero": 0, "offload_optimizer": False, "compression": "none", "node_size": 0}
 
 
 def split_for_tp(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig,
@@ -204,6 +204,7 @@ def parallelize_tensor(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig
             raise PlanError(f"parallel.{name}={value!r} is not supported together with "
                             f"parallel.tp={mesh.tp_size} in this version; use tp=1 or {name}={default!r}")
     generator, seed = split_for_tp(model, mesh, cfg, plan)
+    apply_recompute(model, cfg.recompute)  # after the split: it replays the split model's dropout
     log.info("tensor parallel: tp=%d dp=%d sequence_parallel=%s", mesh.tp_size, mesh.dp_size,
              cfg.sequence_parallel)
     reducer = None

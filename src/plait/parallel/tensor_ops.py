@@ -101,12 +101,11 @@ class _CopyToTP(torch.autograd.Function):
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        if not x.is_contiguous():
-            return _all_reduce(x, group)  # .contiguous() made a fresh copy
-        # Reduce in place (callers hand over a partial result nothing else holds).
-        dist.all_reduce(x, group=group)
-        ctx.mark_dirty(x)
-        return x
+        # Out of place, though x is a partial matmul result: selective recomputation keeps matmul
+        # outputs to hand back in backward, and c10d's in-place all-reduce does not bump the
+        # version counter that would flag the cached tensor as mutated. The copy costs one
+        # activation-sized memcpy; x itself is freed on return, as no autograd node holds it.
+        return _all_reduce(x.clone(memory_format=torch.contiguous_format), group)
 
     @staticmethod
     def backward(ctx, grad):

@@ -53,12 +53,9 @@ class PipelineParallelModel(ParallelModel):
         check_not_combined(cfg)
         tensor = None
         if mesh.tp_size > 1:
-            if getattr(cfg, "recompute", "none") != "none":
-                raise PlanError(f"parallel.recompute={cfg.recompute!r} is not supported with "
-                                "parallel.tp > 1 in this version")
             from plait.parallel.pipeline.tensor_stage import StageTensorParallel
             tensor = StageTensorParallel(model, mesh, cfg, plan)  # splits the layers in place
-        elif getattr(cfg, "recompute", "none") != "none":
+        if getattr(cfg, "recompute", "none") != "none":  # after any tp split: see recompute.py
             from plait.parallel.recompute import apply_recompute
             apply_recompute(model, cfg.recompute)
         spec = spec or pipeline_spec(model)
