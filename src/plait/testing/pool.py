@@ -47,8 +47,10 @@ class WorkerError(PlaitError, RuntimeError):
 
 def _live_groups() -> set:
     """Every process group this process holds besides the default one."""
-    # No public API lists groups; c10d's own registry is the one source of truth.
-    groups = set(dist.distributed_c10d._world.pg_map)
+    # No public API lists groups; c10d's own registry is the one source of truth. A torch without
+    # it (the name is private) makes this an empty set: groups are then kept, as plain torch does.
+    registry = getattr(getattr(dist.distributed_c10d, "_world", None), "pg_map", None)
+    groups = set(registry or ())
     groups.discard(dist.group.WORLD)
     return groups
 
