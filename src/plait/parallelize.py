@@ -94,28 +94,34 @@ class ParallelModel(nn.Module):
         self.module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optim"])
 
+    @property
+    def _comm_hook(self) -> Any:
+        return self.reducer.comm_hook if self.reducer is not None else None
+
+    @property
+    def keeps_comm_state(self) -> bool:
+        """Whether the reducer's hook keeps per-rank state (PowerSGD, top-k) that checkpoints carry."""
+        return hasattr(self._comm_hook, "state_dict")
+
     def comm_state(self) -> dict[str, Any] | None:
         """This rank's gradient-compression state (error feedback, warm start, warm-up count),
         or None when the reducer's hook keeps none. It is per rank, so it only fits a run of the
         same layout; checkpoints carry one per rank."""
-        hook = self.reducer.comm_hook if self.reducer is not None else None
-        return hook.state_dict() if hasattr(hook, "state_dict") else None
+        return self._comm_hook.state_dict() if self.keeps_comm_state else None
 
     def load_comm_state(self, state: dict[str, Any]) -> bool:
         """Restore :meth:`comm_state`; returns False (loading nothing) if `state` does not fit
         this rank's hook and buckets, e.g. after a change of compression or bucket size."""
-        hook = self.reducer.comm_hook if self.reducer is not None else None
-        if (not hasattr(hook, "load_state_dict") or not isinstance(state, dict)
-                or not hook.fits(state, self.reducer.buckets)):
+        if (not self.keeps_comm_state or not isinstance(state, dict)
+                or not self._comm_hook.fits(state, self.reducer.buckets)):
             return False
-        hook.load_state_dict(state)
+        self._comm_hook.load_state_dict(state)
         return True
 
     def reset_comm_state(self) -> None:
         """Start the compression state afresh, warm-up included (as a new run does)."""
-        hook = self.reducer.comm_hook if self.reducer is not None else None
-        if hasattr(hook, "reset"):
-            hook.reset()
+        if self.keeps_comm_state:
+            self._comm_hook.reset()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip gradients to a global L2 norm over the whole model; returns the norm before clipping.

@@ -124,7 +124,7 @@ class Trainer:
         """Give each rank its own compression state back, when the checkpoint has one that fits."""
         if comm is None:
             return
-        if self.model.comm_state() is None:
+        if not self.model.keeps_comm_state:
             log.info("checkpoint %s: its gradient-compression state is unused (this run does not "
                      "compress)", path)
             return
