@@ -103,6 +103,11 @@ def _shapes_fit(saved: dict[str, torch.Tensor], expected: dict[str, tuple[int, .
         for k, v in saved.items())
 
 
+def _copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached copies, so saved and loaded state never aliases the tensors the hook updates."""
+    return {k: v.detach().clone() for k, v in tensors.items()}
+
+
 def matrix_shape(p: torch.Tensor) -> tuple[int, int]:
     """The 2-D view PowerSGD compresses: (first dimension, everything else)."""
     return p.shape[0], p.numel() // p.shape[0]
@@ -124,8 +129,7 @@ class PowerSGDHook:
     def state_dict(self) -> dict:
         """This rank's compression state: warm-up count, warm-start Qs and error feedback."""
         return {"kind": "powersgd", "rank": self.rank, "seen": self.warmup.seen,
-                "q": {k: v.detach().clone() for k, v in self.q.items()},
-                "error": {k: v.detach().clone() for k, v in self.error.items()}}
+                "q": _copies(self.q), "error": _copies(self.error)}
 
     def fits(self, state: dict, buckets: list[Bucket]) -> bool:
         """Whether `state` was saved by a PowerSGD hook of the same rank over the same buckets."""
@@ -139,8 +143,7 @@ class PowerSGDHook:
 
     def load_state_dict(self, state: dict) -> None:
         self.warmup.seen = int(state["seen"])
-        self.q = {k: v.clone() for k, v in state["q"].items()}
-        self.error = {k: v.clone() for k, v in state["error"].items()}
+        self.q, self.error = _copies(state["q"]), _copies(state["error"])
 
     def reset(self) -> None:
         self.warmup.seen, self.q, self.error = 0, {}, {}
@@ -235,7 +238,7 @@ class TopKHook:
     def state_dict(self) -> dict:
         """This rank's compression state: warm-up count and error feedback."""
         return {"kind": "topk", "seen": self.warmup.seen,
-                "error": {k: v.detach().clone() for k, v in self.error.items()}}
+                "error": _copies(self.error)}
 
     def fits(self, state: dict, buckets: list[Bucket]) -> bool:
         """Whether `state` was saved by a top-k hook over the same buckets."""
@@ -244,7 +247,7 @@ class TopKHook:
 
     def load_state_dict(self, state: dict) -> None:
         self.warmup.seen = int(state["seen"])
-        self.error = {k: v.clone() for k, v in state["error"].items()}
+        self.error = _copies(state["error"])
 
     def reset(self) -> None:
         self.warmup.seen, self.error = 0, {}
