@@ -58,3 +58,36 @@ def test_groups_built_over_a_real_process_group(pools):
     out = pools(2).run(_mesh_report)
     assert out[0] == ({"tp": 0, "dp": 0, "pp": 0}, [0, 1], 1.0)
     assert out[1] == ({"tp": 0, "dp": 1, "pp": 0}, [0, 1], 1.0)
+
+
+def _device_mesh_report():
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from plait.config import ParallelConfig
+
+    mesh = ParallelMesh.from_config(ParallelConfig(dp=2, tp=2))
+    dm = mesh.device_mesh
+    groups = {d: sorted(dist.get_process_group_ranks(dm.get_group(d))) for d in ("pp", "dp", "tp")}
+    # A torch-native DTensor on plait's tp dimension: each tp rank holds half of the rows.
+    full = torch.arange(8.0).reshape(4, 2)
+    shard = distribute_tensor(full, dm["tp"], [Shard(0)]).to_local()
+    return {"names": dm.mesh_dim_names, "shape": tuple(dm.shape), "groups": groups,
+            "plait_groups": dict(mesh.group_ranks), "shard": shard.tolist(), "tp_rank": mesh.tp_rank,
+            "sizes": {d: mesh.size(d) for d in ("dp", "pp", "tp")}}
+
+
+def test_mesh_exposes_a_torch_device_mesh_with_the_same_groups(pools):
+    for out in pools(4).run(_device_mesh_report):
+        assert out["names"] == ("pp", "dp", "tp") and out["shape"] == (1, 2, 2)
+        assert out["groups"] == {d: sorted(r) for d, r in out["plait_groups"].items()}
+        assert out["sizes"] == {"dp": 2, "pp": 1, "tp": 2}
+        rows = [[0.0, 1.0], [2.0, 3.0]] if out["tp_rank"] == 0 else [[4.0, 5.0], [6.0, 7.0]]
+        assert out["shard"] == rows
+
+
+def test_unknown_mesh_dimension_is_a_clear_error():
+    mesh = ParallelMesh.single()
+    with pytest.raises(MeshError, match="mesh dimension 'ep' is unknown; valid: pp, dp, tp"):
+        mesh.size("ep")

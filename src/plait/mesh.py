@@ -15,9 +15,11 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from plait.errors import MeshError
 
@@ -101,6 +103,21 @@ class ParallelMesh:
     device: torch.device
     groups: dict[str, dist.ProcessGroup | None] = field(default_factory=dict)
     group_ranks: dict[str, list[int]] = field(default_factory=dict)
+    # torch's DeviceMesh over the same ranks, dims ("pp", "dp", "tp"), so torch-native pieces
+    # (DTensor, FSDP2, torch.distributed.checkpoint) compose with plait's groups.
+    device_mesh: "DeviceMesh | None" = None
+
+    def size(self, dim: str) -> int:
+        """The size of mesh dimension `dim` ("dp", "pp" or "tp")."""
+        if dim not in DIMS:
+            raise MeshError(f"mesh dimension {dim!r} is unknown; valid: {', '.join(DIMS)}")
+        return getattr(self.shape, dim)
+
+    def group(self, dim: str) -> dist.ProcessGroup | None:
+        """This rank's process group along `dim` (None on a one-process mesh)."""
+        if dim not in DIMS:
+            raise MeshError(f"mesh dimension {dim!r} is unknown; valid: {', '.join(DIMS)}")
+        return self.groups.get(dim)
 
     @property
     def world_size(self) -> int:
@@ -169,30 +186,41 @@ class ParallelMesh:
         shape = resolve_shape(world, dp=dp, pp=pp, tp=tp)
         if device is None:
             device = default_device()
-        mesh = cls(shape=shape, rank=rank, device=torch.device(device))
+        device = torch.device(device)
+        # DeviceMesh lays ranks out row-major over (pp, dp, tp): the same order as MeshShape.
+        # Building it is collective over the world: every rank makes every group.
+        device_mesh = init_device_mesh(device.type, (shape.pp, shape.dp, shape.tp), mesh_dim_names=DIMS)
+        mesh = cls(shape=shape, rank=rank, device=device, device_mesh=device_mesh)
         for dim in DIMS:
-            for ranks in shape.group_ranks(dim):
-                # new_group is collective over the whole world: every rank makes every group.
-                group = dist.new_group(ranks) if world > 1 else dist.group.WORLD
-                if rank in ranks:
-                    mesh.groups[dim] = group
-                    mesh.group_ranks[dim] = ranks
+            mesh.groups[dim] = device_mesh.get_group(dim) if world > 1 else dist.group.WORLD
+            mesh.group_ranks[dim] = next(r for r in shape.group_ranks(dim) if rank in r)
         log.debug("rank %d mesh %s coords %s", rank, shape, mesh.coords)
         return mesh
 
     @classmethod
+    def from_config(cls, parallel: Any, device: str | torch.device | None = None) -> "ParallelMesh":
+        """The mesh a [parallel] config (a ParallelConfig: dp, pp, tp) asks for, over the already
+        initialised default process group (one process when there is none)."""
+        return cls.build(dp=parallel.dp, pp=parallel.pp, tp=parallel.tp, device=device)
+
+    @classmethod
     def from_env(cls, dp: int = 0, pp: int = 1, tp: int = 1, backend: str | None = None,
-                 timeout_s: float = 600.0) -> "ParallelMesh":
-        """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, ...)."""
+                 timeout_s: float = 600.0, device: str | torch.device | None = None) -> "ParallelMesh":
+        """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, ...).
+
+        `device` "cpu" keeps the job on the CPU (with Gloo) even where CUDA exists; None picks
+        CUDA when present (one device per local rank), else the CPU.
+        """
         missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
             raise MeshError(
                 f"environment variables {', '.join(missing)} are not set; start plait through "
                 "`plait train --nproc N` or torchrun"
             )
-        device = default_device()
+        device = default_device() if device is None else torch.device(device)
         if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(index)
             device = torch.device("cuda", torch.cuda.current_device())
         if not dist.is_initialized():
             dist.init_process_group(

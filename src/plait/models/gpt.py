@@ -1,6 +1,6 @@
 """A plain GPT in one sitting: pre-LayerNorm blocks, causal SDPA attention, GELU MLP, tied head.
 
-No parallel code lives here. Strategies are applied afterwards by `plait.parallelize`, which
+No parallel code lives here. Strategies are applied afterwards by `plait.parallel.parallelize`, which
 looks the model up by module names (`blocks.N.attn.qkv`, `blocks.N.mlp.fc`, ...).
 """
 
@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from plait.config import ModelConfig
+from plait.models.layers import PipelineSpec
 
 
 class CausalSelfAttention(nn.Module):
@@ -113,15 +114,13 @@ class GPT(nn.Module):
         projections after them by input; the embedding, head and loss split by vocabulary; norms
         and dropout between blocks split along the sequence under sequence parallelism.
         """
-        from plait.parallel.tensor_plan import ColumnParallel
-
         return {
             "tok_emb": "vocab_embedding",
             "pos_emb": "position_embedding",
             "drop": "dropout",
             "blocks.*.ln1": "sequence_parallel",
             "blocks.*.attn": "heads",
-            "blocks.*.attn.qkv": ColumnParallel(fused=3),
+            "blocks.*.attn.qkv": "column(fused=3)",
             "blocks.*.attn.proj": "row",
             "blocks.*.ln2": "sequence_parallel",
             "blocks.*.mlp.fc": "column",
@@ -131,6 +130,12 @@ class GPT(nn.Module):
             "head": "vocab_head",
             "loss_fn": "vocab_loss",
         }
+
+    def pipeline_spec(self) -> "PipelineSpec":
+        """The layer list a pipeline cuts: [embedding, block 0 .. block n-1, final norm + head]."""
+        from plait.models.gpt_layers import gpt_pipeline_spec  # its layers wrap this model's modules
+
+        return gpt_pipeline_spec(self)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

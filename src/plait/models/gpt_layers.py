@@ -11,14 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from plait.models.gpt import GPT
-from plait.parallel.pipeline.layers import PipeLayer, PipelineSpec
+from plait.models.layers import PipeLayer, PipelineSpec
 
 
 class GPTEmbedding(nn.Module):
     """Token ids (B, T) -> hidden states (B, T, C): token + position embeddings, dropout."""
 
-    def __init__(self, gpt: GPT):
+    def __init__(self, gpt: nn.Module):
         super().__init__()
         self.block_size = gpt.cfg.block_size
         self.tok_emb, self.pos_emb, self.drop = gpt.tok_emb, gpt.pos_emb, gpt.drop
@@ -34,7 +33,7 @@ class GPTEmbedding(nn.Module):
 class GPTHead(nn.Module):
     """Hidden states -> logits: final LayerNorm and the (tied) output projection."""
 
-    def __init__(self, gpt: GPT):
+    def __init__(self, gpt: nn.Module):
         super().__init__()
         self.ln_f, self.head = gpt.ln_f, gpt.head
 
@@ -45,7 +44,7 @@ class GPTHead(nn.Module):
 class GPTLoss(nn.Module):
     """GPT.forward's loss on (logits, targets), through the model's own (swappable) loss module."""
 
-    def __init__(self, gpt: GPT):
+    def __init__(self, gpt: nn.Module):
         super().__init__()
         self.loss_fn = gpt.loss_fn
 
@@ -53,7 +52,7 @@ class GPTLoss(nn.Module):
         return self.loss_fn(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def gpt_pipeline_spec(gpt: GPT) -> PipelineSpec:
+def gpt_pipeline_spec(gpt: nn.Module) -> PipelineSpec:
     """[embedding, block 0 .. block n-1, head] with analytic FLOPs per sample (as GPT.flops_per_token)."""
     c = gpt.cfg
     t, d = c.block_size, c.n_embd

@@ -24,8 +24,8 @@ import torch.nn as nn
 from plait.config import ParallelConfig
 from plait.errors import ConfigError, PlanError
 from plait.mesh import ParallelMesh
-from plait.parallel.data import GradientReducer
-from plait.parallel.pipeline.checks import check_not_combined
+from plait.parallel.data_parallel.reducer import GradientReducer
+from plait.parallel.grad_norm import GradPiece
 from plait.parallel.pipeline.layers import PipelineSpec, pipeline_spec, stage_module
 from plait.parallel.pipeline.p2p import PipeComm
 from plait.parallel.pipeline.partition import Partition, make_partition
@@ -35,7 +35,8 @@ from plait.parallel.pipeline.schedules import (Simulation, build_schedule, check
 from plait.parallel.pipeline.state import (canonical_names, full_optimizer_state, group_names,
                                            local_optimizer_state, merge_layout,
                                            named_optimizer_state, to_cpu)
-from plait.parallelize import ParallelModel
+from plait.parallel.base import ParallelModel
+from plait.parallel.tensor_parallel.split import TensorParallel
 
 log = logging.getLogger(__name__)
 
@@ -46,30 +47,22 @@ class PipelineParallelModel(ParallelModel):
     """This rank's pipeline stage of a plain model, over the mesh's pp (and dp) groups."""
 
     def __init__(self, model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig,
-                 spec: PipelineSpec | None = None, plan: Any = None):
-        """Split `model` (identical on every rank) for this rank; with tp > 1, by `plan` first."""
+                 spec: PipelineSpec | None = None, tensor: TensorParallel | None = None):
+        """Cut `model` (identical on every rank) into stages and keep this rank's; with tp > 1 the
+        model was already split by `parallelize`, and `tensor` is that split."""
         p = mesh.pp_size
         check_schedule(cfg.schedule, p, cfg.virtual_stages)
-        check_not_combined(cfg)
-        tensor = None
-        if mesh.tp_size > 1:
-            from plait.parallel.pipeline.tensor_stage import StageTensorParallel
-            tensor = StageTensorParallel(model, mesh, cfg, plan)  # splits the layers in place
-        if getattr(cfg, "recompute", "none") != "none":  # after any tp split: see recompute.py
-            from plait.parallel.recompute import apply_recompute
-            apply_recompute(model, cfg.recompute)
         spec = spec or pipeline_spec(model)
         interleaved = cfg.schedule == "interleaved"
-        partition = make_partition(spec, p, cfg.virtual_stages, cfg.partition, interleaved)
+        partition = make_partition(spec, p, cfg.virtual_stages, cfg.partition, interleaved,
+                                   speeds=cfg.stage_speeds or None)
         paths = [[path for g in partition.chunks_of(r) for i in range(*partition.bounds[g])
                   for path in spec.layers[i].paths] for r in range(p)]
         stage = stage_module(model, paths[mesh.pp_rank])
         reducer = None
         if mesh.dp_size > 1:
             reducer = GradientReducer(stage, mesh.dp_group, bucket_mb=cfg.bucket_mb, mode=cfg.reducer)
-        super().__init__(stage, mesh, reducer)
-        self.tensor = tensor
-        self.steps_done = 0
+        super().__init__(stage, mesh, reducer, tensor=tensor)
         self.partition: Partition = partition
         self.schedule = cfg.schedule
         self.virtual_stages = partition.virtual_stages
@@ -166,7 +159,7 @@ class PipelineParallelModel(ParallelModel):
         start = time.perf_counter()
         loss_sum, stats = self.runtime.run(batches, autocast, no_sync)
         if self.tensor is not None:
-            self.tensor.sum_partial_grads(list(self.module.parameters()))
+            self.finish_partial_grads()
         tied = self._reduce_tied_grads()  # in flight while the step's results are shared
         loss = loss_sum / len(batches) if loss_sum is not None else torch.zeros((), device=self.mesh.device)
         # One small all-gather tells every rank the loss and every stage's timing; it ends when
@@ -231,28 +224,12 @@ class PipelineParallelModel(ParallelModel):
                 for a, d in zip(plan, st.durations)}
         return replay(plans, lambda r, a: took[(r, a)])
 
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Global L2 norm over all stages and tp shards (a tied weight counted once); clips like
-        torch's clip_grad_norm_."""
-        params = [q for q in self.module.parameters() if q.grad is not None]
-        sharded = torch.zeros((), dtype=torch.float32, device=self.mesh.device)
-        replicated = torch.zeros((), dtype=torch.float32, device=self.mesh.device)
-        for q in params:
-            if id(q) not in self._duplicates:
-                sq = torch.linalg.vector_norm(q.grad, dtype=torch.float32) ** 2
-                if self.tensor is not None and self.tensor.is_sharded(q):
-                    sharded += sq
-                else:
-                    replicated += sq
-        if self.tensor is not None:
-            dist.all_reduce(sharded, group=self.mesh.tp_group)
-        sq = sharded + replicated
-        dist.all_reduce(sq, group=self.mesh.pp_group)
-        total = sq.sqrt()
-        if max_norm > 0 and params:
-            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-            torch._foreach_mul_([q.grad for q in params], coef.to(params[0].grad.dtype))
-        return total
+    def grad_pieces(self) -> list[GradPiece]:
+        """Each stage's own gradients are split over "pp" (and tp shards over "tp" too); the second
+        copy of a weight tied across stages is scaled but not counted, so it counts once."""
+        sharded = self.tensor.is_sharded if self.tensor is not None else (lambda q: False)
+        return [GradPiece(q.grad, ("pp", "tp") if sharded(q) else ("pp",), counted=id(q) not in self._duplicates)
+                for q in self.module.parameters() if q.grad is not None]
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -297,4 +274,6 @@ class PipelineParallelModel(ParallelModel):
         optimizer.load_state_dict(local_optimizer_state(
             optimizer, self._names, layout, state["optim"],
             lambda q, t: cut(q, t, f"optimizer state of {self._names[id(q)]}")))
-        self.steps_done = int(state.get("state", {}).get("step", self.steps_done))
+        step = state.get("state", {}).get("step")
+        if step is not None:
+            self.steps_done = int(step)

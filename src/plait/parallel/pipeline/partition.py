@@ -6,7 +6,9 @@ backward on an example batch; rank 0's measurement is broadcast so every rank sp
 Measured time charges the loss to the last layer, which runs it (on the CPU the cross-entropy
 and final norm cost more than their FLOPs suggest, and the last stage is otherwise the slowest).
 
-Non-interleaved schedules cut the layers into p chunks minimising the most expensive chunk.
+Non-interleaved schedules cut the layers into p chunks minimising the most expensive chunk; with
+stage speeds (uneven hardware) a chunk's cost is divided by its stage's speed, so a stage twice as
+fast takes layers costing about twice as much.
 Interleaved schedules cut the repeated blocks evenly into p·v chunks, as Megatron-LM does (its
 schedule assumes equal chunks); the layers before the blocks join the first chunk and those after
 join the last. Chunk g runs on pipeline rank g mod p.
@@ -22,10 +24,11 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from plait.config import PARTITION_COSTS, check_layers
 from plait.errors import PlanError
 from plait.parallel.pipeline.layers import PipelineSpec
 
-COSTS = ("params", "flops", "time")
+COSTS = PARTITION_COSTS
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class Partition:
     bounds: tuple[tuple[int, int], ...]  # per chunk: [start, end) layer indices
     stages: int                     # pipeline ranks p
     cost: str                       # which cost balanced it ("even" for interleaved splits)
+    speeds: tuple[float, ...] = ()  # relative speed per stage (empty: equal)
 
     @property
     def num_chunks(self) -> int:
@@ -59,7 +63,8 @@ class Partition:
     def __str__(self) -> str:
         total = sum(self.costs) or 1.0
         lines = [f"pipeline partition: {self.num_chunks} chunks on {self.stages} stages, "
-                 f"balanced by {self.cost}"]
+                 f"balanced by {self.cost}"
+                 + (f" / stage speeds {', '.join(f'{s:.3g}' for s in self.speeds)}" if self.speeds else "")]
         for g, (a, b) in enumerate(self.bounds):
             names = self.names[a] if b - a == 1 else f"{self.names[a]} .. {self.names[b - 1]}"
             lines.append(f"  chunk {g} (stage {self.rank_of(g)}): layers {a}-{b - 1} [{names}] "
@@ -67,8 +72,9 @@ class Partition:
         return "\n".join(lines)
 
 
-def balance(costs: list[float], parts: int) -> list[tuple[int, int]]:
-    """Contiguous split of `costs` into `parts` non-empty runs minimising the largest run's sum.
+def balance(costs: list[float], parts: int, speeds: list[float] | None = None) -> list[tuple[int, int]]:
+    """Contiguous split of `costs` into `parts` non-empty runs minimising the largest run's sum
+    (divided by run k's speed `speeds[k]`, when given: the slowest run's time).
 
     Dynamic programme over (layers used, parts used); ties go to the earliest cut, so every rank
     computes the same split.
@@ -76,6 +82,8 @@ def balance(costs: list[float], parts: int) -> list[tuple[int, int]]:
     n = len(costs)
     if parts > n:
         raise PlanError(f"{parts} pipeline chunks need at least {parts} layers; the model has {n}")
+    if speeds is not None and (len(speeds) != parts or any(not s > 0 for s in speeds)):
+        raise PlanError(f"stage speeds {speeds} must give each of the {parts} chunks a speed > 0")
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
@@ -87,7 +95,8 @@ def balance(costs: list[float], parts: int) -> list[tuple[int, int]]:
     for k in range(1, parts + 1):
         for i in range(k, n - (parts - k) + 1):
             for j in range(k - 1, i):
-                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                run = prefix[i] - prefix[j]
+                value = max(best[k - 1][j], run / speeds[k - 1] if speeds is not None else run)
                 if value < best[k][i] - 1e-12 * max(1.0, abs(value)):
                     best[k][i], cut[k][i] = value, j
     bounds, i = [], n
@@ -179,30 +188,20 @@ def _run_layer(module: torch.nn.Module, x: torch.Tensor, backward: bool = False,
 
 
 def make_partition(spec: PipelineSpec, stages: int, virtual_stages: int = 1, cost: str = "params",
-                   interleaved: bool = False, group: "dist.ProcessGroup | None" = None) -> Partition:
-    """Partition `spec` for `stages` pipeline ranks (× `virtual_stages` chunks each when interleaved)."""
+                   interleaved: bool = False, group: "dist.ProcessGroup | None" = None,
+                   speeds: list[float] | None = None) -> Partition:
+    """Partition `spec` for `stages` pipeline ranks (× `virtual_stages` chunks each when interleaved),
+    each stage's share in proportion to its relative speed in `speeds` (non-interleaved only)."""
     if cost not in COSTS:
         raise PlanError(f"parallel.partition={cost!r} is invalid; valid: {', '.join(COSTS)}")
-    check_layers(len(spec), spec.num_blocks, stages, virtual_stages, interleaved)
+    if speeds and interleaved:
+        raise PlanError("stage speeds do not apply to the interleaved schedule, which cuts the blocks "
+                        "evenly; use gpipe or 1f1b, or no stage speeds")
+    check_layers(len(spec), spec.num_blocks, stages, virtual_stages, interleaved, error=PlanError)
     costs = layer_costs(spec, cost, group)
     if interleaved:
         bounds, label = even_blocks(spec, stages * virtual_stages), f"even blocks ({cost} shown)"
     else:
-        bounds, label = balance(costs, stages), cost
-    return Partition(tuple(spec.names), tuple(costs), tuple(bounds), stages, label)
-
-
-def check_layers(num_layers: int, num_blocks: int, stages: int, virtual_stages: int,
-                 interleaved: bool) -> None:
-    """The layer-count rules, shared with config validation so bad layouts fail before training."""
-    if stages > num_layers:
-        raise PlanError(
-            f"parallel.pp={stages} stages exceed the model's {num_layers} pipeline layers "
-            f"(embedding, {num_blocks} blocks, head); use parallel.pp ≤ {num_layers}"
-        )
-    if interleaved and num_blocks % (stages * virtual_stages):
-        raise PlanError(
-            f"parallel.virtual_stages={virtual_stages} with parallel.pp={stages} needs the "
-            f"{num_blocks} blocks (model.n_layer) to be a multiple of pp × virtual_stages = "
-            f"{stages * virtual_stages}, so every chunk holds the same number of blocks"
-        )
+        bounds, label = balance(costs, stages, list(speeds) if speeds else None), cost
+    return Partition(tuple(spec.names), tuple(costs), tuple(bounds), stages, label,
+                     tuple(speeds) if speeds else ())

@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from plait.errors import ConfigError
+from plait.config import PIPELINE_SCHEDULES, check_schedule
 
-SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved")
+SCHEDULES = PIPELINE_SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -33,30 +33,6 @@ class Action:
 
     def __repr__(self) -> str:
         return f"{self.kind}{self.chunk}.{self.mb}"
-
-
-def check_schedule(schedule: str, stages: int, virtual_stages: int = 1,
-                   microbatches: int | None = None) -> None:
-    """Raise ConfigError naming the field when (schedule, p, v[, m]) cannot run."""
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"parallel.schedule={schedule!r} is invalid; valid: {', '.join(SCHEDULES)}")
-    if virtual_stages < 1:
-        raise ConfigError(f"parallel.virtual_stages={virtual_stages} must be ≥ 1")
-    if virtual_stages > 1 and schedule != "interleaved":
-        raise ConfigError(
-            f"parallel.virtual_stages={virtual_stages} needs parallel.schedule = \"interleaved\" "
-            f"(got {schedule!r}); use virtual_stages = 1 otherwise"
-        )
-    if microbatches is None:
-        return
-    if microbatches < 1:
-        raise ConfigError(f"the pipeline needs ≥ 1 micro-batch per step, got {microbatches}")
-    if schedule == "interleaved" and microbatches % stages:
-        raise ConfigError(
-            f"the interleaved schedule needs the micro-batches per step (m = {microbatches}) to be a "
-            f"multiple of parallel.pp = {stages}; set train.grad_accum (or parallel.microbatches) "
-            f"to a multiple of {stages}"
-        )
 
 
 def build_schedule(schedule: str, stages: int, microbatches: int, virtual_stages: int,
