@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+from rich.console import Console
+
+from plait import cli
 from plait.cli import main
 from tests.helpers import tiny_text
 
 
-def write_config(tmp_path, **train):
+def write_config(tmp_path, run_name: str = "run", **train):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(tiny_text())
     extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in train.items())
@@ -17,16 +20,19 @@ def write_config(tmp_path, **train):
         "[model]\nn_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 16\n"
         f"[data]\npath = {json.dumps(str(corpus))}\nval_fraction = 0.1\n"
         f"[train]\nsteps = 6\nmicro_batch_size = 4\neval_interval = 3\nwarmup_steps = 1\nlog_interval = 1\n"
-        f"out_dir = {json.dumps(str(tmp_path / 'run'))}\n{extra}"
+        f"out_dir = {json.dumps(str(tmp_path / run_name))}\n{extra}"
         "[checkpoint]\nresume = \"none\"\n"
     )
     return cfg
 
 
-def test_train_on_two_processes_then_generate(tmp_path, capsys):
-    cfg = write_config(tmp_path)
+def test_train_on_two_processes_then_generate(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "console", Console(stderr=True, width=400))  # no wrapped paths
+    # Square brackets in the run folder's name are printed as they are, not read as markup.
+    cfg = write_config(tmp_path, run_name="exp[v2]")
     assert main(["train", str(cfg), "--nproc", "2", "--set", "train.lr=0.005"]) == 0
-    run = tmp_path / "run"
+    run = tmp_path / "exp[v2]"
+    assert str(run / "checkpoints" / "step_00000006") in capsys.readouterr().err
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5, 6]
     assert set(records[0]) == {"step", "val_loss"}  # the held-out loss before training

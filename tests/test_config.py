@@ -89,3 +89,34 @@ def test_bad_overrides(item, msg):
 def test_override_of_unknown_key_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="train.stepz"):
         load_config(None, ["train.stepz=3"])
+
+
+@pytest.mark.parametrize("parallel,message", [
+    ({"tp": 2, "compression": "bf16"}, "parallel.tp=2 cannot be combined with parallel.compression='bf16'"),
+    ({"tp": 2, "node_size": 2}, "parallel.tp=2 cannot be combined with parallel.node_size=2"),
+    ({"pp": 2, "zero": 1}, "parallel.pp=2 cannot be combined with parallel.zero=1"),
+    ({"zero": 3, "compression": "powersgd"}, "cannot be combined with parallel.zero=3"),
+    ({"compression": "bf16", "node_size": 2}, "cannot be combined with parallel.node_size=2"),
+    ({"offload_optimizer": True}, "parallel.offload_optimizer=True needs parallel.zero"),
+    ({"sequence_parallel": True}, "parallel.sequence_parallel=True needs parallel.tp"),
+])
+def test_cross_strategy_rules_fail_before_any_process_starts(parallel, message):
+    """Each rule of the one table in plait.config refuses its combination in validate()."""
+    cfg = Config.from_dict({"model": {"n_head": 4}, "parallel": parallel})
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        validate(cfg, world_size=4)
+
+
+def test_every_combination_rule_names_known_options():
+    from plait.config import COMBINATION_RULES, ParallelConfig, _on
+    for option, other, kind, why in COMBINATION_RULES:
+        assert kind in ("excludes", "requires") and why
+        _on(ParallelConfig(), option), _on(ParallelConfig(), other)  # KeyError on an unknown name
+
+
+def test_config_imports_no_strategy():
+    import subprocess
+    import sys
+    code = "import sys, plait.config; print(sorted(m for m in sys.modules if m.startswith('plait.parallel')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,36 +1,107 @@
-"""The `plait` command: train | generate."""
+"""The `plait` command: train | generate | serve | export.
+
+`plait --help` and `plait --version` import no torch: every command imports what it needs inside
+its function. User text (messages, paths, config values) is printed literally, never read as
+rich markup, so `exp[v2]` or `corpus[en].txt` show as they are.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import sys
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from plait.errors import PlaitError
+from plait import __version__
+from plait.errors import CheckpointError, ConfigError, PlaitError
 
 console = Console(stderr=True)
 
 
+def say(message: str) -> None:
+    """Print `message` on stderr as it is (no markup, no highlighting)."""
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def config_toml(cfg_dict: dict[str, Any]) -> str:
+    """A config tree (Config.to_dict()) as TOML that `plait train` reads back unchanged."""
+    lines: list[str] = []
+
+    def table(name: str, values: dict[str, Any]) -> None:
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict))
+        lines.append("")
+        for k, v in values.items():
+            if isinstance(v, dict):
+                table(f"{name}.{k}", v)
+
+    for section, values in cfg_dict.items():
+        table(section, values)
+    return "\n".join(lines)
+
+
+def _config_path(path: str) -> str:
+    """Refuse a folder here: the config loader would call it missing."""
+    if Path(path).is_dir():
+        raise ConfigError(f"config file {path!r} is a directory; pass a TOML file inside it "
+                          "(e.g. examples/tiny_gpt.toml)")
+    return path
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from plait.config import load_config, validate
+    from plait.config import load_config  # no torch: --print-config answers at once
+
+    overrides = list(args.set) + (['checkpoint.resume="none"'] if args.fresh else [])
+    if args.profile is not None:  # after --set: the flag wins
+        overrides.append(f"profile.steps={args.profile}")
+    cfg = load_config(_config_path(args.config), overrides)
+    if args.print_config:
+        sys.stdout.write(f"# {args.config}" + "".join(f" --set {o}" for o in overrides) + "\n"
+                         + config_toml(cfg.to_dict()))
+        return 0
+
+    from plait.config import validate
     from plait.data.dataset import load_token_splits
-    from plait.launch import launch
+    from plait.launch import launch, resolve_device
     from plait.train.run import train_process
 
-    cfg = load_config(args.config, args.set)
     validate(cfg, args.nproc)
+    resolve_device(cfg.train.device)  # train.device="cuda" without CUDA: refused before launch
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "none") and not Path(resume).is_dir():
+        raise CheckpointError(f"checkpoint.resume={resume!r} does not exist or is not a folder; valid: "
+                              '"auto" (the newest valid checkpoint), "none" or a checkpoint folder')
     if cfg.parallel.ps.servers:
         return _train_parameter_server(cfg, args.nproc)
     # Build (and cache) the corpus and check the data here, before any process starts.
     with console.status("preparing data"):
         train, val = load_token_splits(cfg.data.path, cfg.model.block_size, cfg.data.val_fraction,
                                        cfg.data.cache_dir or None)
-    console.print(f"data: {len(train):,} training and {len(val):,} held-out sequences of "
-                  f"{cfg.model.block_size} tokens; launching {args.nproc} processes")
-    results = launch(train_process, (cfg.to_dict(), True), nproc=args.nproc)
+    say(f"data: {len(train):,} training and {len(val):,} held-out sequences of "
+        f"{cfg.model.block_size} tokens; launching {args.nproc} processes")
+    results = launch(train_process, (cfg.to_dict(), True), nproc=args.nproc,
+                     log_path=Path(cfg.train.out_dir) / "error.log")
     summary = results.get(0) or next(iter(results.values()))
     table = Table(title="run summary")
     table.add_column("metric")
@@ -39,25 +110,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     if summary.get("final_val_loss") is not None:
         table.add_row("held-out loss", f"{summary['final_val_loss']:.4f}")
     table.add_row("tokens/s", f"{summary['tokens_per_s']:,.0f}")
-    table.add_row("checkpoint", str(summary.get("checkpoint") or "-"))
+    table.add_row("checkpoint", Text(str(summary.get("checkpoint") or "-")))
     console.print(table)
     return 0
 
 
 def _train_parameter_server(cfg, nproc: int) -> int:
-    from plait.train.ps_run import run_ps_job
+    from plait.parallel.parameter_server.run import run_ps_job
 
     ps = cfg.parallel.ps
-    console.print(f"parameter server: {ps.servers} server(s), {nproc - ps.servers} worker(s), mode {ps.mode}"
-                  + (f" (staleness ≤ {ps.staleness})" if ps.mode == "ssp" else ""))
+    say(f"parameter server: {ps.servers} server(s), {nproc - ps.servers} worker(s), mode {ps.mode}"
+        + (f" (staleness ≤ {ps.staleness})" if ps.mode == "ssp" else ""))
     rows = run_ps_job(cfg, nproc)
     columns = ("rank", "status", "steps", "MB in", "stale", "ahead", "wait s", "held-out")
-    table = Table(*columns, title=f"parameter-server run ({cfg.train.out_dir}/ps)",
+    table = Table(*columns, title=Text(f"parameter-server run ({cfg.train.out_dir}/ps)"),
                   caption="a server's steps are the updates it applied; stale and ahead are maxima")
     for r in rows:
         held_out = (f"acc {r['val_accuracy']:.3f}" if "val_accuracy" in r
                     else f"loss {r['val_loss']:.3f}" if "val_loss" in r else "-")
-        table.add_row(f"{r['role']} {r['rank']}", r.get("status", "served"),
+        table.add_row(f"{r['role']} {r['rank']}", Text(str(r.get("status", "served"))),
                       f"{r['steps'] if 'steps' in r else r.get('updates', 0):,}",
                       f"{r['bytes_received'] / 1e6:.1f}" if "bytes_received" in r else "-",
                       str(r.get("max_staleness", "-")), str(r.get("max_ahead", "-")),
@@ -67,18 +138,125 @@ def _train_parameter_server(cfg, nproc: int) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from plait.generate import load_model, sample
+    from plait.generate import find_checkpoint, load_model, sample
+    from plait.serve.commands import generate_text
 
-    model, _ = load_model(args.checkpoint, device=args.device)
-    text = sample(model, args.prompt, args.max_new_tokens, args.temperature,
-                  args.top_k or None, args.seed, device=args.device)
+    path: str | Path = args.checkpoint
+    found = None
+    if not str(path).startswith("hf:"):
+        try:
+            found = find_checkpoint(path)
+        except CheckpointError:
+            if not Path(path).is_dir():
+                raise
+            # Not a plait checkpoint (e.g. a GPT-2 folder): the serving loader decides.
+    if found is not None:
+        for reason in found.skipped:
+            say(f"skipped: {reason}")
+        if found.skipped:  # an older checkpoint than the newest is used: say which
+            used = found.server_parts or [found.path]
+            say("using the newest valid checkpoint instead: " + ", ".join(str(p) for p in used))
+        path = found.path
+    if found is not None and found.server_parts:
+        # A parameter-server run: its GPT is assembled from the servers' shards.
+        model, _ = load_model(found, device=args.device)
+        text = sample(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None,
+                      args.seed, device=args.device)
+    else:
+        text = generate_text(path, args.prompt, args.max_new_tokens, args.temperature,
+                             args.top_k, args.seed, device=args.device)
     sys.stdout.write(text + "\n")
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from plait.serve.commands import engine_config
+    from plait.serve.server import serve
+
+    cfg = engine_config(args.max_seqs, args.prefill_chunk, args.max_step_tokens, args.max_queue)
+
+    def ready(url: str, engine) -> None:
+        console.print(f"serving {engine.name} ({engine.context}-token context) on {url}  "
+                      f"(OpenAI API at {url}/v1)", markup=False, highlight=False, soft_wrap=True)
+
+    serve(args.path, args.host, args.port, args.api_key or os.environ.get("PLAIT_API_KEY") or None,
+          cfg, args.device, args.model_name, on_ready=ready, log_level="info" if args.verbose else "warning")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from plait.export.hf import export_hf
+
+    out = export_hf(args.path, args.out)
+    console.print(f"wrote Hugging Face GPT-2 folder {out}", markup=False, highlight=False, soft_wrap=True)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from plait.profile.report import write_report  # matplotlib only here
+
+    report = write_report(args.run_dir, args.out, args.threshold)
+    sys.stdout.write(report.text)
+    sys.stdout.flush()  # the summary first, then where it went (stderr)
+    say(f"wrote {len(report.files)} files to {report.folder}: "
+        + ", ".join(p.name for p in report.files))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from plait.plan.command import run
+
+    out = run(args)
+    if out.json_text is not None:
+        sys.stdout.write(out.json_text + "\n")
+    stdout = Console(width=None if sys.stdout.isatty() else 160)  # tables stay whole in a pipe
+    for item in out.renderables:
+        if isinstance(item, str):  # a line of text: printed as it is
+            stdout.print(item, markup=False, highlight=False, soft_wrap=True)
+        else:
+            stdout.print(item)
+    if out.emitted is not None:
+        console.print(f"wrote {out.emitted}", markup=False, highlight=False, soft_wrap=True)
+    return 0
+
+
+def cmd_fl(args: argparse.Namespace) -> int:
+    from plait.fl.command import deploy_files, load, run
+
+    if args.deploy_dir:
+        cfg = load(args)
+        dep, commands = deploy_files(args, cfg, config_toml(cfg.to_dict()))
+        say(f"wrote a deployment of {dep.nodes} SuperNodes to {dep.root}; run, in order:")
+        sys.stdout.write("\n".join(commands) + "\n")
+        return 0
+    with console.status("federated run"):
+        cfg, result, path = run(args)
+    sizes = [p["size"] for p in result.partitions]
+    say(f"{cfg.fl.clients} clients ({cfg.fl.partition} partition, {min(sizes)}–{max(sizes)} items each), "
+        f"strategy {cfg.fl.strategy}; history in {path}")
+    table = Table("round", "held-out", "accepted", "refused", "upload MB", "ε", title=Text("federated run"))
+    for row in result.history:
+        held = (f"acc {row['accuracy']:.3f}" if "accuracy" in row else
+                f"loss {row['loss']:.3f}" if "loss" in row else "-")
+        table.add_row(str(row["round"]), held, str(row.get("accepted", "-")), str(row.get("refused", "-")),
+                      f"{row['upload_wire_bytes'] / 1e6:.3f}" if "upload_wire_bytes" in row else "-",
+                      f"{row['epsilon']:.2f}" if "epsilon" in row else "-")
+    console.print(table)
+    for row in result.history:
+        for reason in row.get("refused_reasons", []):
+            say(f"round {row['round']}: refused {reason}")
+    return 0
+
+
+VERBOSE_HELP = "log at INFO level, with the tracebacks of failed processes"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plait", description="distributed training of PyTorch models")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"plait {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a TOML config on N local processes")
@@ -86,17 +264,81 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--nproc", type=int, default=1, help="processes on this machine (default 1)")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config field, e.g. --set train.steps=100 (repeatable)")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (file + --set overrides + defaults) as TOML on "
+                        "stdout and exit without starting any process")
+    t.add_argument("--fresh", action="store_true",
+                   help='start from step 0 even where checkpoints exist (checkpoint.resume="none"); '
+                        "a checkpoint that fails verification is never overwritten: one in the way "
+                        "of a save is kept as step_*.damaged")
+    t.add_argument("--profile", type=int, default=None, metavar="STEPS",
+                   help="trace STEPS training steps on every rank with torch.profiler, plait's phases "
+                        "named (profile.steps; from step profile.start, default 2), into "
+                        "OUT_DIR/profile/; read them with `plait report OUT_DIR`")
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="sample text from a checkpoint or run folder")
-    g.add_argument("checkpoint", help="a run folder (newest valid checkpoint) or a step_* folder")
-    g.add_argument("--prompt", default="\n")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=40, help="0 disables top-k filtering")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="cpu")
+    g.add_argument("checkpoint", help="a run folder (its newest valid checkpoint; a GPT "
+                                      "parameter-server run too) or a step_* folder")
+    g.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    g.add_argument("--max-new-tokens", type=int, default=200,
+                   help="tokens to sample after the prompt (default 200)")
+    g.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature; 0 is greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=40,
+                   help="sample from the k most likely tokens; 0 disables top-k filtering (default 40)")
+    g.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same text")
+    g.add_argument("--device", default="cpu", help="torch device to sample on, e.g. cpu or cuda (default cpu)")
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    s.add_argument("path", help="a run folder, a step_* folder, or a Hugging Face GPT-2 folder (hf:PATH)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free port; default 8000)")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every request (or set PLAIT_API_KEY)")
+    s.add_argument("--model-name", default=None, help="the model id clients send (default: the folder name)")
+    s.add_argument("--max-seqs", type=int, default=32, help="sequences decoding at once (default 32)")
+    s.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens per sequence per step")
+    s.add_argument("--max-step-tokens", type=int, default=0,
+                   help="tokens per engine step (0 = max-seqs + 2 × prefill-chunk)")
+    s.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting for a slot before new ones get 429 (default 256)")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_serve)
+
+    e = sub.add_parser("export", help="export a checkpoint to another format")
+    e.add_argument("path", help="a run folder or a step_* folder")
+    e.add_argument("out", help="the folder to write")
+    e.add_argument("--format", choices=["hf"], default="hf",
+                   help="hf: a Hugging Face GPT2LMHeadModel folder (config.json + safetensors)")
+    e.set_defaults(func=cmd_export)
+
+    r = sub.add_parser("report", help="plots and a summary of where a run's time went (needs plait[report])")
+    r.add_argument("run_dir", help="a run's train.out_dir (metrics.jsonl, and profile/ when traced)")
+    r.add_argument("--out", default=None, help="the folder to write (default RUN_DIR/report)")
+    r.add_argument("--threshold", type=float, default=0.2,
+                   help="name a rank a straggler when it is busier than the median of its peers by "
+                        "more than this share (default 0.2)")
+    r.set_defaults(func=cmd_report)
+
+    from plait.plan.command import add_arguments as plan_arguments  # argparse only: no torch
+
+    pl = sub.add_parser("plan", help="choose a dp × pp × tp layout for a model and cluster from a cost model")
+    plan_arguments(pl)
+    pl.set_defaults(func=cmd_plan)
+
+    from plait.fl.command import add_arguments as fl_arguments  # argparse only: no torch, no Flower
+
+    fl = sub.add_parser("fl", help="federated learning on Flower: a local run, or a SuperLink/SuperNode deployment")
+    fl_arguments(fl)
+    fl.set_defaults(func=cmd_fl)
+
+    # -v after the subcommand too (`plait train CFG -v`); SUPPRESS keeps a -v given before the
+    # subcommand from being reset by the subcommand's default.
+    for command in sub.choices.values():
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help=VERBOSE_HELP)
     return parser
 
 
@@ -107,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except PlaitError as exc:
-        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False, markup=True)
+        # The message is user text (paths, hints like "check [model]"): printed as it is.
+        console.print(Text.assemble(("error:", "bold red"), " ", str(exc)), soft_wrap=True, highlight=False)
         return 2
 
 

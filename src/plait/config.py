@@ -31,6 +31,7 @@ class ModelConfig:
     vocab_size: int = 256
     dropout: float = 0.0
     bias: bool = True
+    init_from: str = ""  # "hf:PATH": start training from a Hugging Face GPT-2 folder's weights
 
 
 @dataclass
@@ -57,7 +58,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    freeze_blocks: int = 0  # freeze the first k transformer blocks (see plait.parallel.freeze)
+    freeze_blocks: int = 0  # freeze the first k transformer blocks (see plait.parallel.memory.freeze)
     eval_interval: int = 50
     eval_batches: int = 8
     log_interval: int = 10
@@ -103,7 +104,7 @@ class ParallelConfig:
     reducer: str = "bucketed"
     bucket_mb: float = 25.0
     sequence_parallel: bool = False  # tp > 1: norms/dropout split along the sequence (Megatron SP)
-    # Memory and communication (parallel/zero.py, recompute.py, compression.py, hierarchical.py).
+    # Memory and communication (parallel/zero/, memory/, data_parallel/ compression and hierarchical).
     zero: int = 0  # ZeRO stage over the dp group: 0 off, 1 optimizer state, 2 + grads, 3 + params
     offload_optimizer: bool = False  # optimizer state and update on the CPU (needs zero ≥ 1)
     recompute: str = "none"  # activation recomputation per block: none, full, selective
@@ -117,7 +118,100 @@ class ParallelConfig:
     microbatches: int = 0  # pipeline micro-batches per step; 0 = train.grad_accum (the trainer's)
     virtual_stages: int = 1  # chunks per pipeline rank (interleaved only)
     partition: str = "params"  # layer balance by: params, flops, time (measured)
+    # Relative speed of each pipeline stage (empty = equal): a stage of speed s gets layers
+    # costing s/Σs of the model. `[profile] balance = "speed"` measures and sets it.
+    stage_speeds: list[float] = field(default_factory=list)
+    # Mesh-TensorFlow named layout, e.g. {batch = "dp", heads = "tp", mlp = "tp", vocab = "tp",
+    # layers = "pp"}: an alternative spelling of the above, checked by plait.plan.layout.
+    layout: dict[str, str] = field(default_factory=dict)
     ps: PSConfig = field(default_factory=PSConfig)  # [parallel.ps]: parameter-server training
+
+
+@dataclass
+class FLConfig:
+    """Federated learning on Flower (plait.fl, `plait fl CONFIG`); clients 0 turns it off.
+
+    Each of `clients` data holders trains its partition locally with SGD (`local_epochs` passes,
+    or `local_steps` mini-batches, of `batch_size`; batch_size 0 is the whole partition, so
+    local_epochs 1 with batch_size 0 is FedSGD) and the server aggregates with `strategy`.
+    """
+
+    clients: int = 0
+    clients_per_round: int = 0  # 0 = every client, every round
+    min_clients: int = 2  # replies a round needs (Flower's minimum-clients rule)
+    rounds: int = 10  # server rounds (fedbuff: server updates)
+    local_epochs: int = 1
+    local_steps: int = 0  # > 0: this many local mini-batches instead of local_epochs
+    batch_size: int = 10  # 0 = the whole local partition in one batch
+    lr: float = 0.05  # the clients' SGD learning rate
+    momentum: float = 0.0
+    strategy: str = "fedavg"  # fedavg fedprox fedadam fedyogi fedmedian fedtrimmedavg krum multikrum bulyan fedbuff
+    proximal_mu: float = 0.01  # fedprox
+    server_lr: float = 1.0  # fedadam/fedyogi eta, fedbuff's step on the buffered mean
+    tau: float = 1e-3  # fedadam/fedyogi adaptivity
+    trim_beta: float = 0.2  # fedtrimmedavg: share cut at each end
+    byzantine: int = 0  # krum/multikrum/bulyan: malicious clients tolerated
+    buffer_size: int = 10  # fedbuff: updates per server step
+    concurrency: int = 0  # fedbuff: clients training at once (0 = clients_per_round)
+    max_staleness: int = 10  # fedbuff: an update this many server steps old or older is refused
+    partition: str = "iid"  # iid, dirichlet (label skew), labels (k labels per client)
+    dirichlet_alpha: float = 0.5
+    labels_per_client: int = 2
+    compression: str = "none"  # client updates: none, topk, powersgd (error feedback kept per client)
+    topk_ratio: float = 0.01
+    powersgd_rank: int = 1
+    secure_aggregation: bool = False  # Flower's SecAgg+ (fedavg only)
+    secagg_shares: float = 1.0  # SecAgg+ share of the sampled clients each one shares keys with
+    secagg_threshold: float = 0.5  # SecAgg+ share of those needed to reconstruct a dropped mask
+    dp: str = "none"  # none, central (server-side clipping + noise), local (each client)
+    dp_noise_multiplier: float = 1.0  # central
+    dp_clip: float = 1.0  # update norm bound
+    dp_delta: float = 1e-5
+    dp_epsilon: float = 1.0  # local: each release's epsilon
+    attack: str = "none"  # none, sign_flip, scale, nan, inf, label_flip
+    malicious_share: float = 0.0  # share of the clients that attack
+    attack_scale: float = 4.0  # sign_flip sends -scale x its update; scale sends scale x
+    stragglers: float = 0.0  # share of each round's clients that do partial local work
+    drop_stragglers: bool = False  # refuse partial work (FedAvg as Li et al. run it)
+    slow_clients: float = 0.0  # share of clients `slowdown` x slower (the local runner's clock)
+    slowdown: float = 3.0
+    dropout: float = 0.0  # share of each round's clients that vanish mid-round (local runner)
+    eval_every: int = 1  # server-side evaluation every k rounds (and after the last)
+    seed: int = 0
+
+
+@dataclass
+class ProfileConfig:
+    """Performance debugging and uneven hardware (plait.profile, `plait report RUN_DIR`).
+
+    Traces: `steps` > 0 records that many training steps from step `start` on every rank with
+    torch.profiler, plait's phases named, one Chrome/Perfetto trace per rank in out_dir/profile/
+    (`plait train --profile N`). Live statistics: every `straggler_interval` steps the ranks
+    share their busy time (step time less time blocked in communication); a rank busier than the
+    median of its peers by more than `straggler_threshold` is logged as a straggler.
+
+    Uneven hardware: balance "speed" splits each step's global batch over the dp ranks in
+    proportion to their speeds (gradients averaged weighted by sample count, so training equals
+    the even split's) and cuts pipeline stages in proportion to the stages' speeds. The speeds
+    are `speeds` (one per rank) or, when empty, measured: over the first `balance_steps` steps
+    (dp), and by a timed pass over the layers before the cut (pp).
+
+    Testing knob, not for real runs: `slow_rank` ≥ 0 makes that rank `slow_factor` times slower
+    by stalling after each layer's forward and each backward pass (`slow_phase`: forward,
+    backward or compute for both) in proportion to their time, as if its device were slower
+    (plait.profile.slow).
+    """
+
+    steps: int = 0  # steps to trace (0 = no traces)
+    start: int = 2  # first traced step, counted from the run's first step (1 pays one-off costs)
+    straggler_interval: int = 50  # gather per-rank step statistics every N steps (0 = never)
+    straggler_threshold: float = 0.2  # busier than the median of its peers by this share
+    balance: str = "even"  # even, speed
+    speeds: list[float] = field(default_factory=list)  # per rank, relative (empty = measure)
+    balance_steps: int = 3  # dp: steps measured (even split) before the batch is re-split
+    slow_rank: int = -1  # testing knob: the rank made slow (-1 = none)
+    slow_factor: float = 1.0  # testing knob: how many times slower
+    slow_phase: str = "compute"  # testing knob: forward, backward, compute (both)
 
 
 @dataclass
@@ -129,6 +223,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    fl: FLConfig = field(default_factory=FLConfig)  # [fl]: federated learning (plait fl)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)  # [profile]: traces, stragglers
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -147,6 +243,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config path {str(p)!r} is a directory; pass a TOML file")
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist; pass a TOML file")
         try:
@@ -228,6 +326,15 @@ def _coerce(value: Any, kind: type, name: str) -> Any:
     elif kind is str:
         if isinstance(value, str):
             return value
+    elif typing.get_origin(kind) is list:  # a list of numbers (profile.speeds)
+        if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                           for v in value):
+            return [float(v) for v in value]
+        raise ConfigError(f"{name} must be a list of numbers, e.g. [1.0, 0.5], got {value!r}")
+    elif typing.get_origin(kind) is dict:  # a table of strings (parallel.layout)
+        if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
+            return dict(value)
+        raise ConfigError(f"{name} must be a table of strings, e.g. {{ heads = \"tp\" }}, got {value!r}")
     raise ConfigError(f"{name} must be of type {kind.__name__}, got {value!r} ({type(value).__name__})")
 
 
@@ -252,6 +359,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
            f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
     _check(m.vocab_size >= 256, f"model.vocab_size={m.vocab_size} must be ≥ 256 (byte tokenizer)")
     _check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+    _check(not m.init_from or m.init_from.startswith("hf:"),
+           f"model.init_from={m.init_from!r} is invalid; valid: \"\" or \"hf:PATH\" (a GPT-2 folder)")
     _check(0.0 < d.val_fraction < 0.5, f"data.val_fraction={d.val_fraction} must be in (0, 0.5)")
     for name in ("steps", "micro_batch_size", "grad_accum", "eval_batches", "log_interval"):
         _check(getattr(t, name) >= 1, f"train.{name}={getattr(t, name)} must be ≥ 1")
@@ -273,10 +382,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for name in ("pp", "tp"):
         value = getattr(p, name)
         _check(value >= 1, f"parallel.{name}={value} must be ≥ 1")
-    _check(p.reducer in REDUCERS, f"parallel.reducer={p.reducer!r} is invalid; valid: {', '.join(REDUCERS)}")
     _check(p.bucket_mb > 0, f"parallel.bucket_mb={p.bucket_mb} must be > 0")
-    from plait.parallel.pipeline.checks import check_pipeline_config
-    check_pipeline_config(p, m.n_layer, t.micro_batch_size, t.grad_accum)
+    check_pipeline(p, m.n_layer, t.micro_batch_size, t.grad_accum)
     # Tensor parallelism splits attention heads (and so the embedding width) over tp ranks.
     _check(m.n_head % p.tp == 0,
            f"model.n_head={m.n_head} is not divisible by parallel.tp={p.tp}; tensor parallelism "
@@ -289,8 +396,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.freeze_blocks == 0 or p.pp == 1,
            f"train.freeze_blocks={t.freeze_blocks} is not supported with parallel.pp={p.pp} in this "
            "version (backward stops inside the frozen first stage); use pp=1 or freeze_blocks=0")
-    validate_memory_comm(p)
+    check_parallel(p)
     validate_ps(cfg, world_size)
+    validate_fl(cfg)
+    validate_profile(cfg, world_size)
+    dp = None
     if world_size is not None:
         _check(world_size >= 1, f"--nproc {world_size} must be ≥ 1")
         from plait.errors import MeshError
@@ -299,46 +409,144 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             shape = resolve_shape(world_size, dp=p.dp, pp=p.pp, tp=p.tp)
         except MeshError as exc:
             raise ConfigError(str(exc)) from None
-        validate_memory_comm(p, dp=shape.dp)
+        check_parallel(p, dp=shape.dp)
+        dp = shape.dp
+    if p.layout:  # a named-dimension layout must agree with the sizes (Mesh-TF's rules and plait's)
+        from plait.errors import LayoutError
+        from plait.plan.layout import check_config_layout
+        try:
+            check_config_layout(p, m, dp=dp)
+        except LayoutError as exc:
+            raise ConfigError(f"parallel.layout: {exc}") from None
 
 
 ZERO_STAGES = (0, 1, 2, 3)
 RECOMPUTE_MODES = ("none", "full", "selective")
 COMPRESSIONS = ("none", "bf16", "fp16", "powersgd", "topk")
+PIPELINE_SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved")
+PARTITION_COSTS = ("params", "flops", "time")
 
 
-def validate_memory_comm(p: ParallelConfig, dp: int | None = None) -> None:
-    """The ZeRO, offload, recomputation, compression and hierarchical fields, and how they combine.
+def _on(p: ParallelConfig, name: str) -> bool:
+    """Whether option `name` of `p` is in use (not at its neutral value)."""
+    return {"tp": p.tp > 1, "pp": p.pp > 1, "zero": p.zero > 0, "zero2+": p.zero >= 2,
+            "offload_optimizer": p.offload_optimizer, "compression": p.compression != "none",
+            "node_size": p.node_size > 0, "sequence_parallel": p.sequence_parallel,
+            "naive_reducer": p.reducer == "naive"}[name]
 
-    `parallelize` calls this too, with the mesh's dp size, so a bad combination fails before any
-    hook is attached.
-    """
+
+def _shown(p: ParallelConfig, name: str) -> str:
+    field_name = {"zero2+": "zero", "naive_reducer": "reducer"}.get(name, name)
+    return f"parallel.{field_name}={getattr(p, field_name)!r}"
+
+
+# Every rule for how strategies combine, in one table, checked before any process starts (and
+# again by parallelize()). (option, other, kind, why): "excludes" refuses the two together;
+# "requires" refuses `option` without `other`.
+COMBINATION_RULES: tuple[tuple[str, str, str, str], ...] = (
+    ("pp", "zero", "excludes", "pipeline stages do not shard with ZeRO in this version"),
+    ("pp", "offload_optimizer", "excludes", "pipeline stages do not offload in this version"),
+    ("pp", "compression", "excludes", "pipeline stages reduce gradients uncompressed in this version"),
+    ("pp", "node_size", "excludes", "pipeline stages reduce gradients flat in this version"),
+    ("tp", "compression", "excludes", "compression hooks see tp shards, not whole matrices, in this version"),
+    ("tp", "node_size", "excludes", "hierarchical all-reduce is not combined with tp in this version"),
+    ("compression", "zero2+", "excludes", "ZeRO stages 2 and 3 reduce-scatter gradients; use zero 0 or 1"),
+    ("node_size", "zero2+", "excludes", "ZeRO stages 2 and 3 reduce-scatter gradients; use zero 0 or 1"),
+    ("compression", "naive_reducer", "excludes", "compression is a hook of the bucketed reducer"),
+    ("node_size", "naive_reducer", "excludes", "hierarchical all-reduce is a hook of the bucketed reducer"),
+    ("compression", "node_size", "excludes", "choose one gradient hook"),
+    ("offload_optimizer", "zero", "requires", "offload moves the ZeRO optimizer shard; set parallel.zero ≥ 1"),
+    ("sequence_parallel", "tp", "requires", "sequence parallelism splits sequences over tp ranks; "
+                                            "set parallel.tp > 1 or sequence_parallel = false"),
+)
+
+
+def check_parallel(p: ParallelConfig, dp: int | None = None) -> None:
+    """The [parallel] fields' ranges and :data:`COMBINATION_RULES`; with `dp` (the mesh's
+    data-parallel size) also what depends on it. `parallelize` calls this with the mesh's dp."""
     _check(p.zero in ZERO_STAGES, f"parallel.zero={p.zero} is invalid; valid: 0, 1, 2, 3")
     _check(p.recompute in RECOMPUTE_MODES,
            f"parallel.recompute={p.recompute!r} is invalid; valid: {', '.join(RECOMPUTE_MODES)}")
     _check(p.compression in COMPRESSIONS,
            f"parallel.compression={p.compression!r} is invalid; valid: {', '.join(COMPRESSIONS)}")
+    _check(p.reducer in REDUCERS, f"parallel.reducer={p.reducer!r} is invalid; valid: {', '.join(REDUCERS)}")
     _check(p.powersgd_rank >= 1, f"parallel.powersgd_rank={p.powersgd_rank} must be ≥ 1")
     _check(0.0 < p.topk_ratio <= 1.0, f"parallel.topk_ratio={p.topk_ratio} must be in (0, 1]")
     _check(p.compression_warmup >= 0,
            f"parallel.compression_warmup={p.compression_warmup} must be ≥ 0 (0 = compress from the start)")
     _check(p.node_size >= 0, f"parallel.node_size={p.node_size} must be ≥ 0 (0 = flat all-reduce)")
-    _check(not p.offload_optimizer or p.zero >= 1,
-           "parallel.offload_optimizer=true needs parallel.zero ≥ 1 (it moves the ZeRO optimizer shard)")
-    # Compression and hierarchical all-reduce are hooks of the bucketed all-reduce: they need it.
-    for name, active in (("compression", p.compression != "none"), ("node_size", p.node_size > 0)):
-        if not active:
+    for option, other, kind, why in COMBINATION_RULES:
+        if not _on(p, option):
             continue
-        value = getattr(p, name)
-        _check(p.zero <= 1, f"parallel.{name}={value!r} is not supported with parallel.zero={p.zero}: "
-                            "stages 2 and 3 reduce-scatter gradients; use zero 0 or 1")
-        _check(p.reducer == "bucketed", f"parallel.{name}={value!r} needs parallel.reducer='bucketed'")
-    _check(p.compression == "none" or p.node_size == 0,
-           f"parallel.compression={p.compression!r} and parallel.node_size={p.node_size} cannot be "
-           "combined; choose one")
+        if kind == "excludes" and _on(p, other):
+            raise ConfigError(f"{_shown(p, option)} cannot be combined with {_shown(p, other)}: {why}")
+        if kind == "requires" and not _on(p, other):
+            raise ConfigError(f"{_shown(p, option)} needs {_shown(p, other).split('=')[0]} set: {why}")
     if dp is not None and p.node_size > 0:
         _check(dp % p.node_size == 0,
                f"parallel.node_size={p.node_size} must divide the data-parallel size {dp}")
+
+
+def check_schedule(schedule: str, stages: int, virtual_stages: int = 1,
+                   microbatches: int | None = None) -> None:
+    """Raise ConfigError naming the field when (schedule, p, v[, m]) cannot run."""
+    _check(schedule in PIPELINE_SCHEDULES,
+           f"parallel.schedule={schedule!r} is invalid; valid: {', '.join(PIPELINE_SCHEDULES)}")
+    _check(virtual_stages >= 1, f"parallel.virtual_stages={virtual_stages} must be ≥ 1")
+    _check(virtual_stages == 1 or schedule == "interleaved",
+           f"parallel.virtual_stages={virtual_stages} needs parallel.schedule = \"interleaved\" "
+           f"(got {schedule!r}); use virtual_stages = 1 otherwise")
+    if microbatches is None:
+        return
+    _check(microbatches >= 1, f"the pipeline needs ≥ 1 micro-batch per step, got {microbatches}")
+    _check(schedule != "interleaved" or microbatches % stages == 0,
+           f"the interleaved schedule needs the micro-batches per step (m = {microbatches}) to be a "
+           f"multiple of parallel.pp = {stages}; set train.grad_accum (or parallel.microbatches) "
+           f"to a multiple of {stages}")
+
+
+def check_layers(num_layers: int, num_blocks: int, stages: int, virtual_stages: int,
+                 interleaved: bool, error: type[Exception] = ConfigError) -> None:
+    """The layer-count rules of a pipeline cut (raising `error`), shared by config validation and
+    the partitioner so bad layouts fail before training."""
+    if stages > num_layers:
+        raise error(f"parallel.pp={stages} stages exceed the model's {num_layers} pipeline layers "
+                    f"(embedding, {num_blocks} blocks, head); use parallel.pp ≤ {num_layers}")
+    if interleaved and num_blocks % (stages * virtual_stages):
+        raise error(f"parallel.virtual_stages={virtual_stages} with parallel.pp={stages} needs the "
+                    f"{num_blocks} blocks (model.n_layer) to be a multiple of pp × virtual_stages = "
+                    f"{stages * virtual_stages}, so every chunk holds the same number of blocks")
+
+
+def check_pipeline(p: ParallelConfig, n_layer: int, micro_batch_size: int, grad_accum: int) -> None:
+    """The pipeline fields for a GPT of `n_layer` blocks (layer list: embedding, blocks, head);
+    m is parallel.microbatches, or train.grad_accum when that is 0."""
+    _check(p.partition in PARTITION_COSTS,
+           f"parallel.partition={p.partition!r} is invalid; valid: {', '.join(PARTITION_COSTS)}")
+    _check(p.microbatches >= 0, f"parallel.microbatches={p.microbatches} must be ≥ 0 (0 = train.grad_accum)")
+    check_schedule(p.schedule, p.pp, p.virtual_stages)
+    if p.pp == 1:
+        for name, value, neutral in (("microbatches", p.microbatches, 0),
+                                     ("virtual_stages", p.virtual_stages, 1)):
+            _check(value == neutral, f"parallel.{name}={value} applies to pipelines only; set "
+                                     f"parallel.pp > 1 or leave it at {neutral}")
+        _check(not p.stage_speeds, f"parallel.stage_speeds={p.stage_speeds} applies to pipelines "
+                                   "only; set parallel.pp > 1 or leave it empty")
+        return
+    _check(not p.stage_speeds or len(p.stage_speeds) == p.pp,
+           f"parallel.stage_speeds={p.stage_speeds} must list one speed per stage "
+           f"(parallel.pp={p.pp}) or be empty")
+    _check(all(v > 0 for v in p.stage_speeds),
+           f"parallel.stage_speeds={p.stage_speeds} must all be > 0")
+    _check(not p.stage_speeds or p.schedule != "interleaved",
+           "parallel.stage_speeds does not apply to the interleaved schedule, which cuts the blocks "
+           "evenly; use another schedule or leave stage_speeds empty")
+    samples = micro_batch_size * grad_accum
+    _check(not p.microbatches or samples % p.microbatches == 0,
+           f"parallel.microbatches={p.microbatches} must divide the {samples} sequences per step and dp "
+           f"rank (train.micro_batch_size={micro_batch_size} × train.grad_accum={grad_accum})")
+    check_layers(n_layer + 2, n_layer, p.pp, p.virtual_stages, p.schedule == "interleaved")
+    check_schedule(p.schedule, p.pp, p.virtual_stages, p.microbatches or grad_accum)
 
 
 ARCHS = ("gpt", "mlp")
@@ -349,7 +557,7 @@ PS_OPTIMIZERS = ("adam", "sgd")
 
 def validate_ps(cfg: Config, world_size: int | None = None) -> None:
     """The [parallel.ps] table, and the model/data choices that only the parameter server trains."""
-    m, d, p, ps = cfg.model, cfg.data, cfg.parallel, cfg.parallel.ps
+    m, d, ps = cfg.model, cfg.data, cfg.parallel.ps
     _check(m.arch in ARCHS, f"model.arch={m.arch!r} is invalid; valid: {', '.join(ARCHS)}")
     _check(d.dataset in DATASETS, f"data.dataset={d.dataset!r} is invalid; valid: {', '.join(DATASETS)}")
     _check((m.arch == "mlp") == (d.dataset == "digits"),
@@ -363,8 +571,9 @@ def validate_ps(cfg: Config, world_size: int | None = None) -> None:
     _check(0 <= ps.momentum < 1, f"parallel.ps.momentum={ps.momentum} must be in [0, 1)")
     _check(ps.worker_timeout_s > 0, f"parallel.ps.worker_timeout_s={ps.worker_timeout_s} must be > 0")
     if ps.servers == 0:
-        _check(m.arch == "gpt", f"model.arch={m.arch!r} is trained only by the parameter server in "
-                                "this version; set parallel.ps.servers ≥ 1")
+        _check(m.arch == "gpt" or cfg.fl.clients > 0,
+               f"model.arch={m.arch!r} is trained only by the parameter server or a federated run "
+               "in this version; set parallel.ps.servers ≥ 1 or fl.clients ≥ 2 (plait fl)")
         return
     # The parameter server replaces the all-reduce path: its mesh options do not apply.
     for where, name, neutral in (("parallel", "dp", 0), ("parallel", "pp", 1), ("parallel", "tp", 1),
@@ -377,3 +586,132 @@ def validate_ps(cfg: Config, world_size: int | None = None) -> None:
         _check(ps.servers < world_size,
                f"parallel.ps.servers={ps.servers} leaves no worker among --nproc {world_size} "
                f"processes; use at most {world_size - 1} servers or more processes")
+
+
+FL_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum",
+                 "multikrum", "bulyan", "fedbuff")
+FL_PARTITIONS = ("iid", "dirichlet", "labels")
+FL_COMPRESSIONS = ("none", "topk", "powersgd")
+FL_DP = ("none", "central", "local")
+FL_ATTACKS = ("none", "sign_flip", "scale", "nan", "inf", "label_flip")
+
+
+def validate_fl(cfg: Config) -> None:
+    """The [fl] table: ranges, and which strategies, privacy and attacks go together."""
+    f = cfg.fl
+
+    def one_of(name: str, valid: tuple[str, ...]) -> None:
+        value = getattr(f, name)
+        _check(value in valid, f"fl.{name}={value!r} is invalid; valid: {', '.join(valid)}")
+
+    def share(name: str, upper_open: bool = True) -> None:
+        value = getattr(f, name)
+        ok = 0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0
+        _check(ok, f"fl.{name}={value} must be in [0, 1{')' if upper_open else ']'}")
+
+    _check(f.clients == 0 or f.clients >= 2, f"fl.clients={f.clients} must be 0 (off) or ≥ 2")
+    n = f.clients_per_round or f.clients
+    _check(0 <= f.clients_per_round <= f.clients,
+           f"fl.clients_per_round={f.clients_per_round} must be in [0, fl.clients={f.clients}] (0 = all)")
+    _check(1 <= f.min_clients and (f.clients == 0 or f.min_clients <= n),
+           f"fl.min_clients={f.min_clients} must be in [1, {n}] (the clients sampled per round)")
+    for name in ("rounds", "local_epochs", "eval_every", "buffer_size", "powersgd_rank"):
+        _check(getattr(f, name) >= 1, f"fl.{name}={getattr(f, name)} must be ≥ 1")
+    for name in ("local_steps", "batch_size", "byzantine", "concurrency", "max_staleness"):
+        _check(getattr(f, name) >= 0, f"fl.{name}={getattr(f, name)} must be ≥ 0")
+    for name in ("lr", "server_lr", "tau", "dirichlet_alpha", "dp_clip", "dp_epsilon", "attack_scale"):
+        _check(getattr(f, name) > 0, f"fl.{name}={getattr(f, name)} must be > 0")
+    _check(f.proximal_mu >= 0, f"fl.proximal_mu={f.proximal_mu} must be ≥ 0")
+    _check(f.dp_noise_multiplier >= 0, f"fl.dp_noise_multiplier={f.dp_noise_multiplier} must be ≥ 0")
+    share("momentum")
+    share("malicious_share")
+    share("dropout")
+    share("stragglers", upper_open=False)
+    share("slow_clients", upper_open=False)
+    _check(0.0 < f.trim_beta < 0.5, f"fl.trim_beta={f.trim_beta} must be in (0, 0.5)")
+    _check(0.0 < f.topk_ratio <= 1.0, f"fl.topk_ratio={f.topk_ratio} must be in (0, 1]")
+    _check(0.0 < f.dp_delta < 1.0, f"fl.dp_delta={f.dp_delta} must be in (0, 1)")
+    _check(0.0 < f.secagg_shares <= 1.0, f"fl.secagg_shares={f.secagg_shares} must be in (0, 1]")
+    _check(0.0 < f.secagg_threshold <= 1.0, f"fl.secagg_threshold={f.secagg_threshold} must be in (0, 1]")
+    _check(f.slowdown >= 1.0, f"fl.slowdown={f.slowdown} must be ≥ 1")
+    for name, valid in (("strategy", FL_STRATEGIES), ("partition", FL_PARTITIONS),
+                        ("compression", FL_COMPRESSIONS), ("dp", FL_DP), ("attack", FL_ATTACKS)):
+        one_of(name, valid)
+    _check((f.attack == "none") == (f.malicious_share == 0.0),
+           f"fl.attack={f.attack!r} with fl.malicious_share={f.malicious_share}: set both (an attack "
+           "and a share > 0 of attacking clients) or neither")
+    _check(f.attack != "label_flip" or cfg.model.arch == "mlp",
+           "fl.attack=\"label_flip\" needs labels: use it with the digits classifier (model.arch=\"mlp\")")
+    if f.partition != "iid" and cfg.model.arch == "mlp":
+        from_classes = 10  # the digits' classes
+        _check(1 <= f.labels_per_client <= from_classes,
+               f"fl.labels_per_client={f.labels_per_client} must be in [1, {from_classes}] for the digits")
+    if f.clients == 0:
+        return
+    if f.strategy == "fedbuff":
+        _check(f.concurrency <= f.clients, f"fl.concurrency={f.concurrency} must be ≤ fl.clients={f.clients}")
+        _check(f.buffer_size <= (f.concurrency or n),
+               f"fl.buffer_size={f.buffer_size} must be ≤ the {f.concurrency or n} clients training at once "
+               "(fl.concurrency, or fl.clients_per_round): the buffer would never fill")
+    # Krum needs n > 2f + 2 updates to choose from; Bulyan n ≥ 4f + 3 (Flower checks the same).
+    if f.strategy in ("krum", "multikrum"):
+        _check(n > 2 * f.byzantine + 2, f"fl.strategy={f.strategy!r} with fl.byzantine={f.byzantine} needs "
+                                         f"more than {2 * f.byzantine + 2} clients per round, got {n}")
+    if f.strategy == "bulyan":
+        _check(n >= 4 * f.byzantine + 3, f"fl.strategy=\"bulyan\" with fl.byzantine={f.byzantine} needs "
+                                          f"≥ {4 * f.byzantine + 3} clients per round, got {n}")
+    if f.secure_aggregation:
+        for name, value, neutral in (("strategy", f.strategy, "fedavg"), ("compression", f.compression, "none"),
+                                     ("dp", f.dp, "none")):
+            _check(value == neutral, f"fl.secure_aggregation = true runs Flower's SecAgg+ with FedAvg "
+                                     f"on whole updates; fl.{name}={value!r} must be {neutral!r}")
+        _check(n >= 3, f"fl.secure_aggregation needs ≥ 3 clients per round, got {n}")
+    if f.strategy == "fedbuff":
+        _check(f.dp == "none" or f.dp == "local",
+               f"fl.dp={f.dp!r} is not combined with fl.strategy=\"fedbuff\": Flower's central DP "
+               "wraps a round-based strategy; use dp = \"local\" or a round-based strategy")
+
+
+BALANCES = ("even", "speed")
+SLOW_PHASES = ("forward", "backward", "compute")
+
+
+def validate_profile(cfg: Config, world_size: int | None = None) -> None:
+    """The [profile] table: traces, live straggler statistics, uneven hardware, the testing knob."""
+    f, p = cfg.profile, cfg.parallel
+    _check(f.steps >= 0, f"profile.steps={f.steps} must be ≥ 0 (0 = no traces)")
+    _check(f.start >= 1, f"profile.start={f.start} must be ≥ 1 (the run's first step is 1)")
+    _check(f.straggler_interval >= 0,
+           f"profile.straggler_interval={f.straggler_interval} must be ≥ 0 (0 = no live statistics)")
+    _check(f.straggler_threshold > 0, f"profile.straggler_threshold={f.straggler_threshold} must be > 0")
+    _check(f.balance in BALANCES, f"profile.balance={f.balance!r} is invalid; valid: {', '.join(BALANCES)}")
+    _check(all(v > 0 for v in f.speeds), f"profile.speeds={f.speeds} must all be > 0")
+    _check(not f.speeds or f.balance == "speed",
+           f"profile.speeds={f.speeds} is used only with profile.balance = \"speed\"; set it or "
+           "leave speeds empty")
+    _check(f.balance_steps >= 1, f"profile.balance_steps={f.balance_steps} must be ≥ 1")
+    _check(f.slow_rank >= -1, f"profile.slow_rank={f.slow_rank} must be ≥ 0, or -1 for none")
+    _check(f.slow_factor >= 1.0, f"profile.slow_factor={f.slow_factor} must be ≥ 1")
+    _check(f.slow_phase in SLOW_PHASES,
+           f"profile.slow_phase={f.slow_phase!r} is invalid; valid: {', '.join(SLOW_PHASES)}")
+    if world_size is not None:
+        _check(not f.speeds or len(f.speeds) == world_size,
+               f"profile.speeds lists {len(f.speeds)} speeds for --nproc {world_size} processes; "
+               "give one per rank or leave it empty to measure")
+        _check(f.slow_rank < world_size,
+               f"profile.slow_rank={f.slow_rank} is not a rank of --nproc {world_size} processes")
+    if f.balance != "speed":
+        return
+    _check(not cfg.parallel.ps.servers,
+           "profile.balance = \"speed\" cannot be combined with parallel.ps.servers; the parameter "
+           "server has its own loop")
+    _check(p.zero < 2, f"profile.balance = \"speed\" cannot be combined with parallel.zero={p.zero}: "
+                       "ZeRO stages 2 and 3 reduce-scatter gradients unweighted; use zero 0 or 1")
+    _check(p.pp == 1 or p.schedule != "interleaved",
+           "profile.balance = \"speed\" cuts pipeline stages by speed, which the interleaved schedule "
+           "(even blocks) does not; use gpipe or 1f1b")
+    dp = p.dp or (world_size // (p.pp * p.tp) if world_size else 0)
+    _check(p.pp == 1 or dp <= 1 or p.microbatches == 0,
+           f"profile.balance = \"speed\" splits each step's samples unevenly over dp ranks; "
+           f"parallel.microbatches={p.microbatches} must be 0 (the pipeline then runs "
+           "train.grad_accum micro-batches)")

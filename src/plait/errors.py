@@ -29,5 +29,21 @@ class PlanError(PlaitError, ValueError):
     """A parallel plan does not fit the model it is applied to."""
 
 
+class LayoutError(PlanError):
+    """A named-dimension layout breaks a rule (Mesh-TensorFlow's, or what plait can compile)."""
+
+
 class LaunchError(PlaitError, RuntimeError):
     """Worker processes failed; the message names the rank and its error."""
+
+
+class RequestError(PlaitError, ValueError):
+    """A generation request is invalid; `param` names the request field at fault."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class ServerBusyError(PlaitError, RuntimeError):
+    """The serving queue is full: the request was refused, and may be retried later."""

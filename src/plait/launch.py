@@ -1,23 +1,141 @@
-"""Start N local processes through torch's elastic launcher (the machinery behind torchrun)."""
+"""Start N local processes through torch's elastic launcher (the machinery behind torchrun).
+
+A process that fails reaches the user as one line: plait's own message when it raised a
+:class:`~plait.errors.PlaitError` (a bad checkpoint, data too small, ...), else the exception's
+type and message. The full tracebacks go to a log file and, at INFO level (`plait -v`), to the
+log; torch's launcher does not dump them on the terminal.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from plait.errors import LaunchError
+from plait import errors
+from plait.errors import ConfigError, LaunchError, PlaitError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
+DEVICES = ("auto", "cpu", "cuda")
+# Loggers of torch's launcher that print a failed process's whole traceback on the terminal.
+_TORCH_LAUNCH_LOGGERS = ("torch.distributed.elastic", "torch.multiprocessing")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device `train.device` names: "auto" is CUDA when present, else the CPU; "cpu" is the
+    CPU even where CUDA exists; "cuda" must find CUDA (a silent CPU run would be a lie)."""
+    import torch
+
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f'train.device="cuda" but this machine has no usable CUDA device (torch '
+                f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); use "
+                'train.device="cpu" or "auto" (CUDA when present)')
+        return torch.device("cuda")
+    if name == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    raise ConfigError(f"train.device={name!r} is invalid; valid: {', '.join(DEVICES)}")
+
+
+@dataclass
+class RankFailure:
+    """Why one process failed: a one-line message and, when known, its traceback."""
+
+    rank: int
+    message: str
+    traceback: str = ""
+    exitcode: int | None = None
+
+
+def one_line(exc: BaseException) -> str:
+    """A PlaitError's own message (it names the input at fault), else "Type: message"."""
+    if isinstance(exc, PlaitError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _plait_error_names() -> set[str]:
+    names, todo = set(), [PlaitError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names | {n for n in dir(errors) if n.endswith("Error")}
+
+
+def _from_torch_message(message: str) -> str:
+    """torch records a child's exception as "Type: message"; keep only a PlaitError's message."""
+    name, sep, text = message.partition(": ")
+    return text if sep and name in _plait_error_names() else message
+
+
+def failure_error(failures: list[RankFailure], log_path: str | Path | None = None) -> LaunchError:
+    """One LaunchError for the failed ranks: their distinct one-line messages, with the ranks
+    that raised each, and where the tracebacks are (written to `log_path` when given)."""
+    written = None
+    with_tb = [f for f in failures if f.traceback]
+    if log_path is not None and with_tb:
+        try:
+            path = Path(log_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(f"--- rank {f.rank} (exit code {f.exitcode}) ---\n{f.traceback.rstrip()}\n"
+                                    for f in with_tb))
+            written = path
+        except OSError as exc:
+            log.warning("could not write the workers' tracebacks to %s: %s", log_path, exc)
+    for f in with_tb:
+        log.info("rank %d failed:\n%s", f.rank, f.traceback.rstrip())
+    by_message: dict[str, list[int]] = {}
+    for f in sorted(failures, key=lambda f: f.rank):
+        by_message.setdefault(f.message.strip() or f"exit code {f.exitcode}", []).append(f.rank)
+    lines = []
+    for message, ranks in by_message.items():
+        who = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+        lines.append(f"{message} ({who})" if len(by_message) == 1 else f"{who}: {message}")
+    where = f"traceback in {written}" if written else ""
+    if with_tb and not log.isEnabledFor(logging.INFO):  # at INFO it was just logged
+        where = (f"{where}; " if where else "") + "rerun with -v to see it here"
+    return LaunchError("\n".join(lines) + (f"\n({where})" if where else ""))
+
+
+@contextlib.contextmanager
+def torch_launcher_quiet() -> Iterator[None]:
+    """Keep torch's launcher from printing a failed child's traceback, unless plait logs at INFO
+    (then the user asked for detail). The levels are restored afterwards."""
+    if log.isEnabledFor(logging.INFO):
+        yield
+        return
+    saved = {}
+    for name, obj in list(logging.root.manager.loggerDict.items()):
+        if isinstance(obj, logging.Logger) and name.startswith(_TORCH_LAUNCH_LOGGERS):
+            saved[name] = obj.level
+            obj.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
 
 def launch(fn: Callable[..., Any], args: tuple, nproc: int, max_restarts: int = 0,
-           run_id: str | None = None) -> dict[int, Any]:
+           run_id: str | None = None, log_path: str | Path | None = None) -> dict[int, Any]:
     """Run `fn(*args)` in `nproc` processes on this machine; returns {rank: return value}.
 
     Uses a standalone c10d rendezvous on a free loopback port, as `torchrun --standalone` does.
-    A failing process ends the job with :class:`LaunchError` naming the rank and its error.
+    A failing process ends the job with :class:`LaunchError` giving its one-line message; the
+    tracebacks are written to `log_path` when given.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -30,12 +148,25 @@ def launch(fn: Callable[..., Any], args: tuple, nproc: int, max_restarts: int = 
     )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        return elastic_launch(config, fn)(*args)
+        with torch_launcher_quiet():
+            return elastic_launch(config, fn)(*args)
     except ChildFailedError as exc:
-        lines = []
+        failures = []
         for rank, failure in sorted(exc.failures.items()):
-            msg = failure.message
+            msg, tb = failure.message, ""
             if isinstance(msg, dict):
+                tb = str(msg.get("extraInfo", {}).get("py_callstack", ""))
                 msg = msg.get("message", msg)
-            lines.append(f"rank {rank} (exit code {failure.exitcode}): {msg}")
-        raise LaunchError("training processes failed:\n" + "\n".join(lines)) from None
+            data = failure.error_file_data.get("message") if isinstance(failure.error_file_data, dict) else None
+            if not tb and isinstance(data, dict):
+                tb = str(data.get("extraInfo", {}).get("py_callstack", ""))
+            failures.append(RankFailure(rank, _from_torch_message(str(msg)), tb, failure.exitcode))
+        raise failure_error(failures, log_path) from None
+
+
+def configure_threads() -> None:
+    """Share the CPU cores between the local processes instead of oversubscribing them."""
+    import torch
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))

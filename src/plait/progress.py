@@ -1,4 +1,8 @@
-"""Terminal progress for the CLI: a rich progress bar and eval lines (main rank only)."""
+"""Terminal progress for the CLI: a rich progress bar and eval lines (main rank only).
+
+Paths and other user text are printed literally (rich markup off), so a folder named
+`exp[v2]` is shown as it is, not read as a style tag.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from plait.train.trainer import Callbacks
 
 
 def progress_callbacks(console: Console | None = None) -> Callbacks:
+    """Callbacks that draw a progress bar on `console` (stderr by default)."""
     console = console or Console(stderr=True)
     bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]:.3f}  {task.fields[tps]:,.0f} tok/s"),
@@ -20,7 +25,7 @@ def progress_callbacks(console: Console | None = None) -> Callbacks:
     def on_start(info: dict[str, Any]) -> None:
         resumed = f", resumed from {info['resumed_from']}" if info["resumed_from"] else ""
         console.print(f"{info['mesh']}, {info['params']:,} parameters, "
-                      f"{info['tokens_per_step']:,} tokens/step{resumed}")
+                      f"{info['tokens_per_step']:,} tokens/step{resumed}", markup=False, highlight=False)
         bar.start()
         task["id"] = bar.add_task("train", total=info["steps"], completed=info["start_step"],
                                   loss=float("nan"), tps=0.0)
@@ -30,11 +35,12 @@ def progress_callbacks(console: Console | None = None) -> Callbacks:
 
     def on_eval(rec: dict[str, Any]) -> None:
         train = f"train loss {rec['loss']:.3f}  " if "loss" in rec else ""
-        bar.console.print(f"step {rec['step']:>5}  {train}held-out loss {rec['val_loss']:.3f}")
+        bar.console.print(f"step {rec['step']:>5}  {train}held-out loss {rec['val_loss']:.3f}",
+                          markup=False, highlight=False)
 
     def on_end(summary: dict[str, Any]) -> None:
         bar.stop()
         if summary.get("checkpoint"):
-            console.print(f"checkpoint: {summary['checkpoint']}")
+            console.print(f"checkpoint: {summary['checkpoint']}", markup=False, highlight=False)
 
     return Callbacks(on_start=on_start, on_step=on_step, on_eval=on_eval, on_end=on_end)

@@ -108,3 +108,72 @@ def test_a_checkpoint_of_another_model_is_a_clear_error(tmp_path):
                               "checkpoint": {"resume": str(tmp_path / "run" / "checkpoints" / "step_00000001")}})
     with pytest.raises(CheckpointError, match="does not fit"):
         Trainer(other, ParallelMesh.single(), train, val)
+
+
+def test_resaving_a_step_replaces_it_with_no_moment_without_a_valid_one(tmp_path, monkeypatch):
+    """The old folder is deleted only after the new one is in place under the step's name."""
+    final = ck.save_checkpoint(tmp_path, 1, parts(1))
+    real_rmtree = ck.shutil.rmtree
+    deleted = []
+
+    def watched_rmtree(path, *a, **k):
+        assert ck.Path(path) != final, "the checkpoint in place was deleted before its replacement"
+        ck.verify_checkpoint(final)  # a valid step_1 exists at every deletion
+        deleted.append(path)
+        return real_rmtree(path, *a, **k)
+
+    monkeypatch.setattr(ck.shutil, "rmtree", watched_rmtree)
+    ck.save_checkpoint(tmp_path, 1, parts(5))
+    assert deleted  # the old contents went, afterwards
+    assert torch.equal(ck.load_checkpoint(final)["model"]["w"], torch.full((4,), 5.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"]
+
+
+def test_resave_without_an_atomic_swap_never_deletes_first(tmp_path, monkeypatch):
+    final = ck.save_checkpoint(tmp_path, 1, parts(1))
+    monkeypatch.setattr(ck, "_exchange", lambda a, b: False)  # a filesystem without the swap
+    ck.save_checkpoint(tmp_path, 1, parts(2))
+    assert ck.load_checkpoint(final)["state"]["step"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"]
+
+
+def test_a_failed_resave_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    final = ck.save_checkpoint(tmp_path, 1, parts(1))
+
+    def boom(a, b):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(ck, "_exchange", boom)
+    with pytest.raises(OSError, match="disk gone"):
+        ck.save_checkpoint(tmp_path, 1, parts(2))
+    assert ck.load_checkpoint(final)["state"]["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"]
+
+
+def test_a_damaged_checkpoint_in_the_way_is_kept_not_overwritten(tmp_path):
+    final = ck.save_checkpoint(tmp_path, 3, parts(3))
+    corrupt_flip(final)
+    damaged_bytes = (final / "model.pt").read_bytes()
+    ck.save_checkpoint(tmp_path, 3, parts(4))
+    assert ck.load_checkpoint(final)["state"]["step"] == 4
+    kept = tmp_path / "step_00000003.damaged"
+    assert (kept / "model.pt").read_bytes() == damaged_bytes
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step_00000003"]
+
+
+def test_pruning_keeps_the_new_checkpoint_and_ignores_newer_folders(tmp_path):
+    """keep counts back from the step just saved: a newer folder (e.g. from an earlier run)
+    neither displaces it nor gets deleted."""
+    ck.save_checkpoint(tmp_path, 1, parts(1))
+    ck.save_checkpoint(tmp_path, 5, parts(5))
+    ck.save_checkpoint(tmp_path, 2, parts(2), keep=1)
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step_00000002", "step_00000005"]
+
+
+def test_newest_valid_checkpoint_says_what_it_refused(tmp_path):
+    ck.save_checkpoint(tmp_path, 1, parts(1))
+    newest = ck.save_checkpoint(tmp_path, 2, parts(2))
+    corrupt_truncate(newest)
+    path, refused = ck.newest_valid_checkpoint(tmp_path)
+    assert path.name == "step_00000001"
+    assert [(p.name, "truncated" in str(e)) for p, e in refused] == [("step_00000002", True)]

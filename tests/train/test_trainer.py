@@ -21,6 +21,7 @@ def train_and_report(cfg_dict: dict, world_mesh: bool = True) -> dict:
     summary = trainer.fit()
     params = {k: v.detach().clone() for k, v in trainer.model.module.state_dict().items()}
     return {"params": params, "losses": [h["loss"] for h in summary["history"]],
+            "grad_norms": [h["grad_norm"] for h in summary["history"]],
             "val": summary["final_val_loss"], "step": trainer.step}
 
 
@@ -45,6 +46,7 @@ def test_dp_training_matches_one_process(pools, tmp_path, world, accum, reducer,
     for r in results:
         assert max_abs_diff(r["params"], ref["params"]) < 1e-5
         assert r["losses"] == pytest.approx(ref["losses"], abs=1e-5)
+        assert r["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-5)
     # every rank holds the same parameters, bit for bit
     for r in results[1:]:
         assert max_abs_diff(r["params"], results[0]["params"]) == 0.0
@@ -92,6 +94,7 @@ def test_checkpoint_from_dp2_resumes_at_other_dp(pools, tmp_path, new_world):
     else:
         out = pools(new_world).run(train_and_report, cfg_new.to_dict())[0]
     assert out["losses"] == pytest.approx(ref["losses"][3:], abs=1e-5)
+    assert out["grad_norms"] == pytest.approx(ref["grad_norms"][3:], rel=1e-5)
     assert max_abs_diff(out["params"], ref["params"]) < 1e-5
 
 

@@ -6,6 +6,10 @@ any data-parallel size: every draw takes the next `dp × batch` indices of the p
 hands rank r the r-th contiguous slice. Changing dp between draws therefore neither repeats nor
 skips a sample. A tail shorter than one draw is left for this epoch (its samples come up again
 in the next epoch's permutation).
+
+On uneven hardware the draw can be split unevenly (:meth:`ElasticSampler.set_split`): rank r then
+takes split[r] of the draw's indices instead of `batch_size`. The draws, and so the samples of
+each step taken together, are the same as with the even split.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class ElasticSampler:
     shuffle: bool = True
 
     def __post_init__(self) -> None:
+        self.split: list[int] | None = None  # per-rank share of each draw; None = batch_size each
         if not 0 <= self.dp_rank < self.dp_size:
             raise DataError(f"dp_rank {self.dp_rank} is outside [0, {self.dp_size})")
         if self.draw_size > self.num_samples:
@@ -60,13 +65,31 @@ class ElasticSampler:
             self._perm_epoch = epoch
         return self._perm
 
+    def set_split(self, counts: list[int] | None) -> None:
+        """Split each draw unevenly: rank r takes counts[r] indices (None: batch_size each).
+
+        The counts must be ≥ 1 and sum to the draw size, dp × batch_size.
+        """
+        if counts is not None:
+            if len(counts) != self.dp_size or sum(counts) != self.draw_size or min(counts) < 1:
+                raise DataError(f"an uneven split {counts} must give each of the {self.dp_size} dp "
+                                f"ranks ≥ 1 sequence and sum to the draw size {self.draw_size}")
+            counts = [int(c) for c in counts]
+        self.split = counts
+
+    @property
+    def local_batch(self) -> int:
+        """This rank's share of each draw."""
+        return self.batch_size if self.split is None else self.split[self.dp_rank]
+
     def next_indices(self) -> list[int]:
         """This rank's indices for the next draw; advances the shared position."""
         if self.consumed + self.draw_size > self.num_samples:
             self.epoch += 1
             self.consumed = 0
-        start = self.consumed + self.dp_rank * self.batch_size
-        idx = self.permutation(self.epoch)[start:start + self.batch_size].tolist()
+        offset = self.dp_rank * self.batch_size if self.split is None else sum(self.split[:self.dp_rank])
+        start = self.consumed + offset
+        idx = self.permutation(self.epoch)[start:start + self.local_batch].tolist()
         self.consumed += self.draw_size
         return idx
 

@@ -9,12 +9,17 @@ Layout of one checkpoint, `<root>/step_00000100/`:
 
 It is written into a hidden temporary folder and renamed into place only when complete, so a
 crash mid-write never leaves a half checkpoint under a real name, and the previous ones stay.
-Loading verifies every checksum first: a truncated or altered file is refused with
-:class:`CheckpointError`, never half-loaded.
+Saving a step that already has a folder swaps the two atomically (Linux `renameat2`
+RENAME_EXCHANGE), so there is never a moment without a valid checkpoint of that step; a folder
+that fails verification is never overwritten or deleted: it is renamed `step_<n>.damaged` and
+kept for inspection. Loading verifies every checksum first: a truncated or altered file is
+refused with :class:`CheckpointError`, never half-loaded.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import io
 import json
@@ -61,7 +66,9 @@ def _fsync_dir(path: Path) -> None:
 def save_checkpoint(root: str | Path, step: int, parts: dict[str, Any], keep: int | None = None) -> Path:
     """Write `parts` (name -> object for torch.save) as checkpoint `step` under `root`, atomically.
 
-    With `keep`, older checkpoints beyond the newest `keep` are deleted afterwards.
+    An existing valid folder of the same step is replaced atomically; one that fails
+    verification is set aside (see :func:`set_aside`), never overwritten. With `keep`, older
+    checkpoints beyond the newest `keep` are deleted afterwards (newer folders are left alone).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -85,17 +92,88 @@ def save_checkpoint(root: str | Path, step: int, parts: dict[str, Any], keep: in
             os.fsync(f.fileno())
         _fsync_dir(tmp)
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            try:
+                verify_checkpoint(final)
+            except CheckpointError as exc:
+                set_aside(final, str(exc))
+        if final.exists():
+            _replace_dir(tmp, final)  # tmp now holds the old checkpoint
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
         _fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("saved checkpoint %s", final)
     if keep is not None:
-        for old in list_checkpoints(root)[:-keep]:
+        older = [p for p in list_checkpoints(root) if checkpoint_step(p) < step]
+        for old in older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2); False where that is unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # e.g. a filesystem without RENAME_EXCHANGE
+    raise OSError(err, f"cannot swap {str(a)!r} and {str(b)!r}: {os.strerror(err)}")
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Put folder `new` at `final` (an existing folder), leaving the old contents at `new`.
+
+    Atomic where the OS can swap two paths; elsewhere the old folder is moved to `new`'s name
+    first, so it is never deleted before the new one is in place.
+    """
+    if _exchange(new, final):
+        return
+    parked = new.with_name(new.name + "-old")
+    os.replace(final, parked)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        os.replace(parked, final)  # the old checkpoint goes back under its name
+        raise
+    os.replace(parked, new)
+
+
+def set_aside(path: str | Path, reason: str = "") -> Path:
+    """Rename a damaged checkpoint folder to `<name>.damaged` (or `.damaged-<i>`), keeping it.
+
+    Checkpoint listing ignores the new name, so it is neither resumed from, overwritten nor
+    pruned; what is in it stays for the user to inspect or repair.
+    """
+    path = Path(path)
+    target = path.with_name(f"{path.name}.damaged")
+    i = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.damaged-{i}")
+        i += 1
+    os.replace(path, target)
+    log.warning("checkpoint %s failed verification%s; kept as %s", path,
+                f" ({reason})" if reason else "", target)
+    return target
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step of a `step_<n>` folder."""
+    m = STEP_DIR.match(Path(path).name)
+    if m is None:
+        raise CheckpointError(f"{str(path)!r} is not a checkpoint folder (step_<8 digits>)")
+    return int(m.group(1))
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -153,12 +231,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return parts
 
 
-def latest_valid_checkpoint(root: str | Path) -> Path | None:
-    """The newest checkpoint under `root` that verifies; corrupted newer ones are skipped with a warning."""
+def newest_valid_checkpoint(root: str | Path) -> tuple[Path | None, list[tuple[Path, CheckpointError]]]:
+    """The newest checkpoint under `root` that verifies, and each newer one refused, with why."""
+    refused: list[tuple[Path, CheckpointError]] = []
     for path in reversed(list_checkpoints(root)):
         try:
             verify_checkpoint(path)
-            return path
+            return path, refused
         except CheckpointError as exc:
-            log.warning("skipping %s", exc)
-    return None
+            refused.append((path, exc))
+    return None, refused
+
+
+def latest_valid_checkpoint(root: str | Path) -> Path | None:
+    """The newest checkpoint under `root` that verifies; corrupted newer ones are skipped with a warning."""
+    path, refused = newest_valid_checkpoint(root)
+    for _, exc in refused:
+        log.warning("skipping %s", exc)
+    return path

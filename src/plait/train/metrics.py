@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -45,18 +46,29 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak_flops_per_device: floa
 
 
 class MetricsWriter:
-    """Appends one JSON object per record to `metrics.jsonl`; mirrors scalars to TensorBoard."""
+    """Appends one JSON object per record to `metrics.jsonl`; mirrors scalars to TensorBoard.
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True):
+    `resumed_step` says where a resumed run continues: records of later steps, written by the
+    run that stopped after that checkpoint, are dropped so that no step appears twice (the
+    TensorBoard mirror purges them too). `fresh` begins a new file (a run from step 0).
+    """
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True, resumed_step: int | None = None,
+                 fresh: bool = False):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self._tb = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            self.path.write_text("")
+        elif resumed_step is not None:
+            drop_after(self.path, resumed_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(Path(out_dir) / "tb"))
+            purge = None if resumed_step is None else resumed_step + 1
+            self._tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=purge)
         except Exception:  # tensorboard is optional
             self._tb = None
 
@@ -74,6 +86,37 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def drop_after(path: str | Path, step: int) -> int:
+    """Remove the records of `path` (JSONL) whose "step" is beyond `step`; returns how many.
+
+    The file is rewritten through a temporary file and renamed, so a crash leaves either the old
+    or the new version. Lines that are not JSON objects (a torn last line) go too.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+        log.info("%s: dropped %d records after step %d (written before the resumed checkpoint's "
+                 "run stopped)", path, dropped, step)
+    return dropped
 
 
 def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:

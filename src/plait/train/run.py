@@ -7,37 +7,30 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from plait.config import Config, load_config, validate
 from plait.data.dataset import load_token_splits
+from plait.launch import configure_threads, resolve_device
 from plait.mesh import ParallelMesh
 from plait.train.trainer import Callbacks, Trainer
 
 log = logging.getLogger(__name__)
 
 
-def configure_threads() -> None:
-    """Share the CPU cores between the local processes instead of oversubscribing them."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-
-
 def train_process(cfg_dict: dict[str, Any], show_progress: bool = False) -> dict[str, Any]:
     """Train on this process's share of the mesh; returns the summary (without history)."""
     cfg = Config.from_dict(cfg_dict)
     if cfg.parallel.ps.servers:  # parameter-server training has its own roles and loop
-        from plait.train.ps_run import ps_train_process
+        from plait.parallel.parameter_server.run import ps_train_process
         return ps_train_process(cfg_dict)
     configure_threads()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if cfg.train.device == "cpu":
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-    mesh = ParallelMesh.from_env(dp=cfg.parallel.dp, pp=cfg.parallel.pp, tp=cfg.parallel.tp)
+    device = resolve_device(cfg.train.device)  # "cuda" without CUDA stops here, naming the field
+    mesh = ParallelMesh.from_env(dp=cfg.parallel.dp, pp=cfg.parallel.pp, tp=cfg.parallel.tp,
+                                 device=device)
     try:
         validate(cfg, mesh.world_size)
         train, val = load_token_splits(cfg.data.path, cfg.model.block_size, cfg.data.val_fraction,

@@ -22,11 +22,13 @@ from plait.data.sampler import ElasticSampler
 from plait.errors import CheckpointError
 from plait.mesh import ParallelMesh
 from plait.models import GPT
-from plait.parallel.freeze import freeze_blocks
-from plait.parallelize import ParallelModel, parallelize, unwrap
-from plait.train.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from plait.parallel.memory.freeze import freeze_blocks
+from plait.parallel import ParallelModel, parallelize
+from plait.profile.phases import DATA, OPTIMIZER
+from plait.profile.session import PerfSession, prepare_model
+from plait.train.checkpoint import load_checkpoint, newest_valid_checkpoint, save_checkpoint, set_aside
 from plait.train.metrics import MetricsWriter, device_peak_flops, mfu
-from plait.train.optim import lr_at
+from plait.optim import lr_at
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +65,16 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = GPT(cfg.model).to(self.device)
+        if cfg.model.init_from:  # "hf:PATH": every rank starts from the same GPT-2 weights
+            from plait.models.hf_gpt2 import load_hf_weights
+            load_hf_weights(model, cfg.model.init_from.removeprefix("hf:"))
         # Counted on the whole model: parallelize may split it in place (tensor parallelism).
         self.flops_per_token = model.flops_per_token(cfg.model.block_size)
         self.num_params = model.num_params()  # likewise: pipeline stages hold only their layers
         freeze_blocks(model, t.freeze_blocks)  # before parallelize: frozen weights are not reduced
-        self.model: ParallelModel = parallelize(model, mesh, cfg.parallel)
+        # The [profile] testing slow-down, and pipeline stage speeds on uneven hardware.
+        prepared = prepare_model(model, cfg, mesh)
+        self.model: ParallelModel = parallelize(model, mesh, prepared.parallel)
         self.optimizer = self.model.build_optimizer(t)
         self.autocast_dtype = resolve_dtype(cfg, self.device)
         self.sampler = ElasticSampler(len(train_data), mesh.dp_size, mesh.dp_rank,
@@ -77,7 +84,12 @@ class Trainer:
         torch.manual_seed(t.seed + 7919 * (mesh.rank + 1))
         self.resumed_from: Path | None = None
         self._resume()
-        self.metrics = MetricsWriter(self.out_dir, enabled=mesh.is_main)
+        # A resumed run drops the records its predecessor wrote after the checkpoint.
+        resumed = self.resumed_from is not None
+        self.metrics = MetricsWriter(self.out_dir, enabled=mesh.is_main,
+                                     resumed_step=self.step if resumed else None, fresh=not resumed)
+        # Traces, live straggler statistics and the uneven dp split (plait.profile).
+        self.perf = PerfSession(cfg, mesh, self.model, self.sampler, self.out_dir, self.step)
         self.peak_flops = device_peak_flops(self.device)
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -86,13 +98,44 @@ class Trainer:
         choice = self.cfg.checkpoint.resume
         if choice == "none":
             return
-        if choice == "auto":
-            path = latest_valid_checkpoint(self.ckpt_dir)
-            if path is None:
-                return
-        else:
-            path = Path(choice)
-        self.load(path)
+        path = self._pick_checkpoint() if choice == "auto" else Path(choice)
+        if path is not None:
+            self.load(path)
+
+    def _pick_checkpoint(self) -> Path | None:
+        """The checkpoint "auto" resumes from, chosen by rank 0 and broadcast to every rank.
+
+        Ranks on a shared filesystem may see different newest folders (caching, a save in
+        flight), so one rank decides for all. Damaged checkpoints newer than the chosen one are
+        set aside, never overwritten; with only damaged ones, the run stops rather than start
+        over on top of them.
+        """
+        decision: list[Any] = [None, None]  # [path or None, error message or None]
+        if self.mesh.is_main:
+            try:
+                decision[0] = self._choose_checkpoint()
+            except (OSError, CheckpointError) as exc:  # every rank stops, none waits forever
+                decision[1] = str(exc)
+        if dist.is_initialized() and self.mesh.world_size > 1:
+            dist.broadcast_object_list(decision, src=0)
+        if decision[1] is not None:
+            raise CheckpointError(decision[1])
+        return Path(decision[0]) if decision[0] is not None else None
+
+    def _choose_checkpoint(self) -> str | None:
+        """Rank 0's choice for :meth:`_pick_checkpoint`."""
+        path, refused = newest_valid_checkpoint(self.ckpt_dir)
+        if path is None and refused:
+            reasons = "; ".join(str(exc) for _, exc in refused)
+            raise CheckpointError(
+                f'checkpoint.resume="auto" found no checkpoint under {str(self.ckpt_dir)!r} that '
+                f"verifies ({reasons}); nothing was changed. Repair or remove them, resume from "
+                'one with checkpoint.resume=PATH, or start afresh with checkpoint.resume="none" '
+                "(plait train --fresh), which keeps a damaged folder in the way of a save as "
+                "step_*.damaged")
+        for damaged, exc in refused:  # newer than `path`: this run would save over them
+            set_aside(damaged, str(exc))
+        return str(path) if path is not None else None
 
     def load(self, path: str | Path) -> None:
         """Restore model, optimizer, sampler position, RNG and step from a checkpoint."""
@@ -110,15 +153,38 @@ class Trainer:
         state = parts["state"]
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
-        rng = state.get("rng", [])
-        if len(rng) == self.mesh.world_size:
-            torch.set_rng_state(rng[self.mesh.rank].cpu())
-        else:
-            log.info("world size changed (%d -> %d): dropout RNG streams are re-seeded",
-                     len(rng), self.mesh.world_size)
-            torch.manual_seed(self.cfg.train.seed + 7919 * (self.mesh.rank + 1) + self.step)
+        self._load_rng(state)
         self.resumed_from = Path(path)
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _load_rng(self, state: dict[str, Any]) -> None:
+        """Give each rank its dropout streams back: the CPU generator's and, on CUDA, the device's.
+
+        Under another world size the saved streams cannot be matched to ranks, so they are
+        re-seeded from the step; a checkpoint without CUDA states (saved on the CPU) re-seeds
+        the CUDA generator the same way.
+        """
+        rng, cuda_rng = state.get("rng", []), state.get("cuda_rng")
+        rank, world = self.mesh.rank, self.mesh.world_size
+        seed = self.cfg.train.seed + 7919 * (rank + 1) + self.step
+        if len(rng) != world:
+            log.info("world size changed (%d -> %d): dropout RNG streams are re-seeded", len(rng), world)
+            torch.manual_seed(seed)  # seeds the CUDA generators too
+            return
+        torch.set_rng_state(rng[rank].cpu())
+        if self.device.type != "cuda":
+            return
+        if isinstance(cuda_rng, list) and len(cuda_rng) == world and cuda_rng[rank] is not None:
+            torch.cuda.set_rng_state(cuda_rng[rank].cpu(), self.device)
+        else:
+            log.info("the checkpoint has no CUDA RNG state for rank %d: its CUDA dropout stream "
+                     "is re-seeded", rank)
+            torch.cuda.manual_seed(seed)
+
+    def _rng_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's CPU generator state and, on CUDA, its device generator state."""
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
 
     def _load_comm_state(self, comm: list[Any] | None, path: str | Path) -> None:
         """Give each rank its own compression state back, when the checkpoint has one that fits."""
@@ -144,7 +210,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Write a checkpoint of the current step (main rank writes; all ranks take part)."""
-        per_rank = (torch.get_rng_state(), self.model.comm_state())
+        per_rank = (*self._rng_state(), self.model.comm_state())
         if dist.is_initialized() and self.mesh.world_size > 1:
             # Gathered on the main rank only: compression state is as large as the gradients.
             gathered: list[Any] | None = [None] * self.mesh.world_size if self.mesh.is_main else None
@@ -155,9 +221,12 @@ class Trainer:
         parts = self.model.checkpoint_state(self.optimizer)  # collective
         if self.mesh.is_main:
             state = {"step": self.step, "sampler": self.sampler.state_dict(),
-                     "rng": [rng for rng, _ in gathered],
+                     "rng": [rng for rng, _, _ in gathered],
                      "config": self.cfg.to_dict(), "mesh": vars(self.mesh.shape)}
-            comm = [c for _, c in gathered]
+            cuda_rng = [c for _, c, _ in gathered]
+            if any(c is not None for c in cuda_rng):
+                state["cuda_rng"] = cuda_rng
+            comm = [c for _, _, c in gathered]
             extra = {"comm": comm} if any(c is not None for c in comm) else {}
             path = save_checkpoint(self.ckpt_dir, self.step, {**parts, "state": state, **extra},
                                    keep=self.cfg.checkpoint.keep)
@@ -183,15 +252,20 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = []
-        for _ in range(t.grad_accum):
-            x, y = self.train_data.batch(self.sampler.next_indices())
-            batches.append((self._to_device(x), self._to_device(y)))
-        loss = self.model.forward_backward(batches, self._autocast)
-        norm = self.model.clip_grad_norm_(t.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.perf.phase(DATA):
+            for _ in range(t.grad_accum):
+                x, y = self.train_data.batch(self.sampler.next_indices())
+                batches.append((self._to_device(x), self._to_device(y)))
+        with self.perf.measure():  # what speeds on uneven hardware are measured on
+            loss = self.model.forward_backward(batches, self._autocast)
+        with self.perf.phase(OPTIMIZER):
+            norm = self.model.clip_grad_norm_(t.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if self.mesh.dp_size > 1:  # report the global mean loss, as one process would see it
+            if self.perf.weight != 1.0:  # uneven batches: weighted by sample count
+                loss *= self.perf.weight
             dist.all_reduce(loss, group=self.mesh.dp_group)
             loss /= self.mesh.dp_size
         return {"loss": loss.item(), "lr": lr, "grad_norm": float(norm), **self.model.step_metrics()}
@@ -237,26 +311,30 @@ class Trainer:
                 self.callbacks.on_eval(first)
         t0 = time.perf_counter()
         start_step = self.step
-        while self.step < t.steps:
-            ts = time.perf_counter()
-            out = self.train_step()
-            dt = time.perf_counter() - ts
-            record = {"step": self.step, **out, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt}
-            m = mfu(self.flops_per_token, record["tokens_per_s"], self.peak_flops, self.mesh.world_size)
-            if m is not None:
-                record["mfu"] = m
-            if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
-                last_val = self.evaluate()
-                record["val_loss"] = last_val
-                if main and self.callbacks.on_eval:
-                    self.callbacks.on_eval(record)
-            history.append(record)
-            if self.step % t.log_interval == 0 or "val_loss" in record or self.step == t.steps:
-                self.metrics.write(record)
-            if main and self.callbacks.on_step:
-                self.callbacks.on_step(record)
-            if c.interval and self.step % c.interval == 0 and self.step < t.steps:
-                self.save()
+        with self.perf.running():
+            while self.step < t.steps:
+                with self.perf.step(self.step + 1):  # writing a trace stays out of dt
+                    ts = time.perf_counter()
+                    out = self.train_step()
+                    dt = time.perf_counter() - ts
+                record = {"step": self.step, **out, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
+                          **self.perf.after_step(self.step)}
+                m = mfu(self.flops_per_token, record["tokens_per_s"], self.peak_flops, self.mesh.world_size)
+                if m is not None:
+                    record["mfu"] = m
+                if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
+                    last_val = self.evaluate()
+                    record["val_loss"] = last_val
+                    if main and self.callbacks.on_eval:
+                        self.callbacks.on_eval(record)
+                history.append(record)
+                if (self.step % t.log_interval == 0 or "val_loss" in record or self.step == t.steps
+                        or "rank_busy_s" in record or "dp_split" in record):
+                    self.metrics.write(record)
+                if main and self.callbacks.on_step:
+                    self.callbacks.on_step(record)
+                if c.interval and self.step % c.interval == 0 and self.step < t.steps:
+                    self.save()
         elapsed = time.perf_counter() - t0
         final = self.save() if self.step > start_step or self.resumed_from is None else None
         self.metrics.close()
