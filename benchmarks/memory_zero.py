@@ -8,7 +8,7 @@
    bytes forward leaves alive for backward, and the peak of forward + backward, both from the
    allocator events torch.profiler records (profile_memory=True).
 3. Gradient compression at dp=2 on the GPT of examples/tiny_gpt.toml: bytes each rank sends per
-   step (ring-algorithm model, see plait.parallel.comm_hooks) for each hook; and held-out loss
+   step (ring-algorithm model, see plait.parallel.data_parallel.hooks) for each hook; and held-out loss
    after a fixed number of steps through the real Trainer on a small generated corpus
    (compression from step `compression_warmup` = 10 on).
 4. Hierarchical all-reduce at dp=4 in nodes of 2: bytes over the slow (inter-node) links.
@@ -67,8 +67,8 @@ def _state_bytes(kind: str, model_kw: dict) -> dict:
     from plait.config import ParallelConfig, TrainConfig
     from plait.mesh import ParallelMesh
     from plait.models import GPT
-    from plait.parallelize import parallelize
-    from plait.train.optim import optimizer_groups
+    from plait.parallel import parallelize
+    from plait.optim import optimizer_groups
 
     cfg = TrainConfig()
     torch.manual_seed(0)
@@ -100,7 +100,7 @@ def _state_bytes(kind: str, model_kw: dict) -> dict:
 
 def _activations(mode: str, model_kw: dict, batch: int) -> dict:
     from plait.models import GPT
-    from plait.parallel.recompute import apply_recompute
+    from plait.parallel.memory.recompute import apply_recompute
     from plait.testing.memory import track_allocations
 
     torch.manual_seed(0)
@@ -120,9 +120,9 @@ def _wire(kind: str, model_kw: dict) -> dict:
     from plait.config import ParallelConfig
     from plait.mesh import ParallelMesh
     from plait.models import GPT
-    from plait.parallel.comm_hooks import CountingAllReduce
-    from plait.parallel.compression import build_compression_hook
-    from plait.parallel.data import GradientReducer
+    from plait.parallel.data_parallel.hooks import CountingAllReduce
+    from plait.parallel.data_parallel.compression import build_compression_hook
+    from plait.parallel.data_parallel.reducer import GradientReducer
 
     mesh = ParallelMesh.build()
     torch.manual_seed(0)
@@ -168,8 +168,8 @@ def _loss_cfg(kind: str, tmp: str, steps: int) -> dict:
 def _hierarchical(model_kw: dict) -> dict:
     from plait.mesh import ParallelMesh
     from plait.models import GPT
-    from plait.parallel.data import GradientReducer
-    from plait.parallel.hierarchical import build_hierarchical_hook
+    from plait.parallel.data_parallel.reducer import GradientReducer
+    from plait.parallel.data_parallel.hierarchical import build_hierarchical_hook
 
     mesh = ParallelMesh.build()
     torch.manual_seed(0)

@@ -42,7 +42,7 @@ def _allreduce(model_kw: dict, batch: int, steps: int, warmup: int) -> dict:
     import torch.distributed as dist
 
     from plait.models import GPT
-    from plait.parallel.data import GradientReducer
+    from plait.parallel.data_parallel.reducer import GradientReducer
 
     cfg = ModelConfig(**model_kw)
     torch.manual_seed(0)
@@ -66,7 +66,7 @@ def _parameter_server(model_kw: dict, batch: int, steps: int, warmup: int, serve
     import torch.distributed as dist
 
     from plait.models import GPT
-    from plait.parallel.ps import ParameterServer, PSLayout, PSOptions, PSWorker
+    from plait.parallel.parameter_server import ParameterServer, PSLayout, PSOptions, PSWorker
 
     cfg = ModelConfig(**model_kw)
     torch.manual_seed(0)
