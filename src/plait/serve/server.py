@@ -1,0 +1,56 @@
+"""Running the API with uvicorn on a socket plait binds itself (so `--port 0` can report the
+port the system chose)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+from typing import Callable
+
+from plait.errors import ConfigError
+from plait.serve.api import create_app
+from plait.serve.async_engine import AsyncEngine
+from plait.serve.engine import Engine, EngineConfig
+from plait.serve.metrics import ServeMetrics
+
+log = logging.getLogger(__name__)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket on (host, port); port 0 picks a free one."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port} must be in [0, 65535] (0 = any free port)")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --host/--port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          config: EngineConfig | None = None, device: str = "cpu", model_name: str | None = None,
+          on_ready: Callable[[str, Engine], None] | None = None, log_level: str = "warning") -> None:
+    """Load the model at `path` and serve it until interrupted (Ctrl-C or SIGTERM)."""
+    import sys
+
+    import uvicorn
+
+    # The engine thread runs Python between its tensor operations; a shorter GIL switch interval
+    # (5 ms by default) lets the event loop accept and stream between them with less delay.
+    sys.setswitchinterval(0.001)
+    engine = Engine.from_path(path, config=config, device=device, name=model_name)
+    app = create_app(AsyncEngine(engine, ServeMetrics()), engine.name, api_key)
+    sock = bind(host, port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
+    if on_ready is not None:
+        on_ready(url, engine)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, ws="none",
+                                          timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
