@@ -1,4 +1,4 @@
-"""The `plait` command: train | generate | serve | export.
+"""The `plait` command: train | generate | serve | export | plan | fl | report.
 
 `plait --help` and `plait --version` import no torch: every command imports what it needs inside
 its function. User text (messages, paths, config values) is printed literally, never read as
