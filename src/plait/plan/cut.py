@@ -2,8 +2,7 @@
 
 The GPT's pipeline layer list is [embedding, block 0 … block L−1, final norm + head]. plait's
 pipeline partitions it by parameter count or analytic FLOPs with a min–max contiguous split
-(`plait.parallel.pipeline.partition.balance`, the same dynamic programme and tie-breaking as
-here), or evenly by blocks for the interleaved schedule (Megatron-LM's virtual stages, which the
+(`plait.balance.balance`, shared with this module), or evenly by blocks for the interleaved schedule (Megatron-LM's virtual stages, which the
 `even` cost also gives a non-interleaved pipeline). This module mirrors that cut without torch so
 the planner can cost each stage; a test checks it against the runtime's partition.
 """
@@ -12,6 +11,7 @@ from __future__ import annotations
 
 import functools
 
+from plait.balance import balance
 from plait.errors import PlanError
 from plait.plan.shapes import ModelShape
 
@@ -29,33 +29,6 @@ def layer_costs(shape: ModelShape, cost: str) -> list[float]:
         block = s * (6.0 * shape.block_params() + 12.0 * h * s)
         return [0.0] + [block] * shape.n_layer + [s * 6.0 * h * v]
     raise PlanError(f"pipeline cut cost {cost!r} is invalid; valid: {', '.join(CUT_COSTS)}")
-
-
-def balance(costs: list[float], parts: int) -> list[tuple[int, int]]:
-    """Contiguous split of `costs` into `parts` runs minimising the largest run's sum; ties go to
-    the earliest cut (so every rank of a real run computes the same split)."""
-    n = len(costs)
-    if parts > n:
-        raise PlanError(f"{parts} pipeline chunks need at least {parts} layers; the model has {n}")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(parts + 1)]
-    cut = [[0] * (n + 1) for _ in range(parts + 1)]
-    best[0][0] = 0.0
-    for k in range(1, parts + 1):
-        for i in range(k, n - (parts - k) + 1):
-            for j in range(k - 1, i):
-                value = max(best[k - 1][j], prefix[i] - prefix[j])
-                if value < best[k][i] - 1e-12 * max(1.0, abs(value)):
-                    best[k][i], cut[k][i] = value, j
-    bounds, i = [], n
-    for k in range(parts, 0, -1):
-        j = cut[k][i]
-        bounds.append((j, i))
-        i = j
-    return bounds[::-1]
 
 
 def even_blocks(n_layer: int, chunks: int) -> list[tuple[int, int]]:
