@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.autograd.profiler import record_function
 
 from plait.mesh import DIMS, ParallelMesh
-from plait.testing.comm_counter import COLLECTIVES
+from plait.testing.comm_counter import PatchedCollectives
 
 P2P = ("send", "recv", "isend", "irecv")
 COMM_PREFIX = "plait/comm "
@@ -70,7 +70,7 @@ class TappedWork:
         return getattr(self._work, name)
 
 
-class CommTap:
+class CommTap(PatchedCollectives):
     """Context manager timing (and, with `annotate`, naming) this process's communication."""
 
     def __init__(self, mesh: ParallelMesh | None = None, annotate: bool = False):
@@ -144,16 +144,3 @@ class CommTap:
 
         return tapped
 
-    def __enter__(self) -> "CommTap":
-        for name, tensor_arg in COLLECTIVES.items():
-            fn = getattr(dist, name, None)
-            if fn is None:
-                continue
-            self._saved[name] = fn
-            setattr(dist, name, self._wrap(name, fn, tensor_arg))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for name, fn in self._saved.items():
-            setattr(dist, name, fn)
-        self._saved.clear()

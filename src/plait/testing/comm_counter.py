@@ -62,7 +62,31 @@ def _nbytes(value: Any) -> int:
     return 0
 
 
-class CommCounter:
+class PatchedCollectives:
+    """Swaps every collective in :data:`COLLECTIVES` for `self._wrap(name, fn, tensor_arg)` inside
+    a `with` block and puts the originals back after; subclasses say what the wrapper does."""
+
+    _saved: dict[str, Callable]
+
+    def _wrap(self, name: str, fn: Callable, tensor_arg: str | None) -> Callable:
+        raise NotImplementedError
+
+    def __enter__(self):
+        for name, tensor_arg in COLLECTIVES.items():
+            fn = getattr(dist, name, None)
+            if fn is None:
+                continue
+            self._saved[name] = fn
+            setattr(dist, name, self._wrap(name, fn, tensor_arg))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+        self._saved.clear()
+
+
+class CommCounter(PatchedCollectives):
     """Context manager recording collective calls and bytes per mesh group ("dp", "tp", "pp").
 
     A call on a group that is none of the mesh's is recorded under "world" (the default group)
@@ -132,16 +156,3 @@ class CommCounter:
 
         return recorded
 
-    def __enter__(self) -> "CommCounter":
-        for name, tensor_arg in COLLECTIVES.items():
-            fn = getattr(dist, name, None)
-            if fn is None:
-                continue
-            self._saved[name] = fn
-            setattr(dist, name, self._wrap(name, fn, tensor_arg))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for name, fn in self._saved.items():
-            setattr(dist, name, fn)
-        self._saved.clear()
