@@ -135,6 +135,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
             prompts = [engine.engine.encode(p) for p in req.prompts()]
             for ids in prompts:
                 params.check(len(ids), context)
+            resume = [engine.engine.check_resume(r, params) for r in req.resume_ids(len(prompts))]
         except RequestError as exc:
             metrics.rejected.labels(status="400").inc()
             return error(400, str(exc), param=exc.param)
@@ -142,7 +143,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
         handles: list[Handle] = []
         try:
             for i, ids in enumerate(prompts):
-                handles.append(engine.submit(ids, params, queue, tag=i))
+                handles.append(engine.submit(ids, params, queue, tag=i, resume=resume[i]))
         except ServerBusyError as exc:
             for h in handles:
                 engine.abort(h)
@@ -154,7 +155,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
             for h in handles:
                 engine.abort(h)
 
-        reply = _Reply(f"cmpl-{uuid.uuid4().hex}", model_name, prompts)
+        reply = _Reply(f"cmpl-{uuid.uuid4().hex}", model_name, prompts, req.token_ids)
         if req.stream:
             return _EventStream(reply.events(queue, req.include_usage), cancel_unfinished)
         try:
@@ -168,8 +169,9 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
 class _Reply:
     """Turns a request's engine outputs into an OpenAI completion, whole or as events."""
 
-    def __init__(self, cid: str, model: str, prompts: list[list[int]]):
+    def __init__(self, cid: str, model: str, prompts: list[list[int]], token_ids: bool = False):
         self.cid, self.model, self.created = cid, model, int(time.time())
+        self.token_ids = token_ids  # plait's extension: token ids beside the text (see protocol)
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.n = len(prompts)
         self.completion_tokens = [0] * self.n
@@ -204,10 +206,11 @@ class _Reply:
                 self.completion_tokens[index] = out.completion_tokens
                 if out.finished:
                     remaining -= 1
-                if out.text or out.finished:
-                    choice = json.dumps({"index": index, "text": out.text, "logprobs": None,
-                                         "finish_reason": out.finish_reason})
-                    lines.append(f"data: {head}{choice}{tail}\n\n")
+                if out.text or out.finished or self.token_ids:
+                    choice = {"index": index, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+                    if self.token_ids:
+                        choice["plait"] = {"token_ids": out.token_ids, "prompt_tokens": out.prompt_tokens}
+                    lines.append(f"data: {head}{json.dumps(choice)}{tail}\n\n")
             if lines:
                 yield "".join(lines)
         if include_usage:
@@ -216,6 +219,7 @@ class _Reply:
 
     async def whole(self, queue: asyncio.Queue, request: Request) -> Response:
         texts: list[list[str]] = [[] for _ in range(self.n)]
+        ids: list[list[int]] = [[] for _ in range(self.n)]
         reasons: list[str | None] = [None] * self.n
         remaining = self.n
         next_check = time.monotonic() + DISCONNECT_POLL_S
@@ -233,10 +237,14 @@ class _Reply:
             if isinstance(out, BaseException):
                 return error(500, f"generation failed: {out}", type_="server_error")
             texts[index].append(out.text)
+            ids[index] += out.token_ids
             self.completion_tokens[index] = out.completion_tokens
             if out.finished:
                 reasons[index] = out.finish_reason
                 remaining -= 1
         choices = [{"index": i, "text": "".join(t), "logprobs": None, "finish_reason": r}
                    for i, (t, r) in enumerate(zip(texts, reasons))]
+        if self.token_ids:
+            for choice, tokens in zip(choices, ids):
+                choice["plait"] = {"token_ids": tokens}
         return JSONResponse(self._body(choices, self._usage()))

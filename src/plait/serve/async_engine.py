@@ -42,7 +42,7 @@ class AsyncEngine:
         self.metrics = metrics or ServeMetrics()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._inbox: list[tuple[Handle, list[int], SamplingParams]] = []
+        self._inbox: list[tuple[Handle, list[int], SamplingParams, list[int]]] = []
         self._aborts: list[str] = []
         self._handles: dict[str, Handle] = {}
         self._waiting = 0  # queued requests (in the inbox or the engine's queue), under the lock
@@ -67,8 +67,9 @@ class AsyncEngine:
             self._thread.join(timeout)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, queue: asyncio.Queue,
-               tag: Any = None) -> Handle:
-        """Queue a checked request (call from the event loop). Raises ServerBusyError when full."""
+               tag: Any = None, resume: list[int] | None = None) -> Handle:
+        """Queue a checked request (call from the event loop). Raises ServerBusyError when full.
+        `resume`: tokens already sent by a run elsewhere (see `Engine.add_request`)."""
         params.check(len(prompt_ids), self.engine.context)
         with self._lock:
             if self._waiting >= self.engine.config.max_queue:
@@ -76,7 +77,7 @@ class AsyncEngine:
                                       f"{self.engine.config.max_queue}); retry later")
             self._ids += 1
             handle = Handle(f"cmpl-{self._ids}", queue, asyncio.get_running_loop(), tag)
-            self._inbox.append((handle, prompt_ids, params))
+            self._inbox.append((handle, prompt_ids, params, resume or []))
             self._waiting += 1
             self.metrics.queue_depth.set(self._waiting)
             self._wake.notify()
@@ -101,9 +102,9 @@ class AsyncEngine:
                     break
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
-            for handle, ids, params in inbox:
+            for handle, ids, params, resume in inbox:
                 try:
-                    self.engine.add_request(ids, params, request_id=handle.request_id)
+                    self.engine.add_request(ids, params, request_id=handle.request_id, resume=resume)
                 except Exception as exc:  # checked on submit already; still, never kill the loop
                     handle.finished = True
                     self._deliver(handle, exc)
@@ -156,7 +157,7 @@ class AsyncEngine:
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:
             inbox, self._inbox = self._inbox, []
-        for handle, _, _ in inbox:
+        for handle, *_ in inbox:
             self._handles[handle.request_id] = handle
         for rid, handle in list(self._handles.items()):
             self.engine.abort(rid)

@@ -23,6 +23,21 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
+class PlaitOptions(BaseModel):
+    """plait's own request extension, under "plait" (OpenAI clients never send it): what the
+    router uses to move a stream to another replica without a visible seam.
+
+    token_ids: each streamed choice (and each whole choice) also carries
+    `"plait": {"token_ids": [...], "prompt_tokens": n}`, one event per generated token.
+    resume: per prompt, the token ids already sent to the client by an earlier run of this
+    request; generation continues after them, as that run would have (see `Engine.add_request`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    token_ids: StrictBool = False
+    resume: list[list[StrictInt]] | None = None
+
+
 class CompletionRequest(BaseModel):
     """POST /v1/completions. Unknown fields (e.g. `user`) are ignored, as OpenAI's server does."""
 
@@ -46,6 +61,7 @@ class CompletionRequest(BaseModel):
     frequency_penalty: Number | None = None
     logit_bias: dict[str, Any] | None = None
     suffix: StrictStr | None = None
+    plait: PlaitOptions | None = None
 
     @classmethod
     def parse(cls, body: Any) -> "CompletionRequest":
@@ -90,6 +106,20 @@ class CompletionRequest(BaseModel):
             stop=stop,
             seed=self.seed,
         )
+
+    def resume_ids(self, prompts: int) -> list[list[int]]:
+        """Per prompt, the tokens to resume after (empty lists without `plait.resume`)."""
+        resume = self.plait.resume if self.plait is not None else None
+        if resume is None:
+            return [[] for _ in range(prompts)]
+        if len(resume) != prompts:
+            raise RequestError(f"plait.resume has {len(resume)} lists for {prompts} prompts; send one "
+                               "per prompt", "plait")
+        return [list(r) for r in resume]
+
+    @property
+    def token_ids(self) -> bool:
+        return bool(self.plait is not None and self.plait.token_ids)
 
     @property
     def include_usage(self) -> bool:

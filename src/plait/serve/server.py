@@ -33,24 +33,40 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          config: EngineConfig | None = None, device: str = "cpu", model_name: str | None = None,
-          on_ready: Callable[[str, Engine], None] | None = None, log_level: str = "warning") -> None:
-    """Load the model at `path` and serve it until interrupted (Ctrl-C or SIGTERM)."""
-    import sys
+def url_of(sock: socket.socket) -> str:
+    """The http:// URL a bound socket answers on."""
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
+
+def uvicorn_server(app, log_level: str = "warning"):
+    """A uvicorn server for `app`, configured as every plait server runs (no access log, no
+    websockets, 5 s to finish open streams on shutdown)."""
     import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, ws="none",
+                                         timeout_graceful_shutdown=5))
+
+
+def serve_engine(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+                 on_ready: Callable[[str, Engine], None] | None = None, log_level: str = "warning") -> None:
+    """Serve an already built engine (in-process or model-parallel) until interrupted (Ctrl-C or
+    SIGTERM)."""
+    import sys
 
     # The engine thread runs Python between its tensor operations; a shorter GIL switch interval
     # (5 ms by default) lets the event loop accept and stream between them with less delay.
     sys.setswitchinterval(0.001)
-    engine = Engine.from_path(path, config=config, device=device, name=model_name)
     app = create_app(AsyncEngine(engine, ServeMetrics()), engine.name, api_key)
     sock = bind(host, port)
-    bound_host, bound_port = sock.getsockname()[:2]
-    url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
     if on_ready is not None:
-        on_ready(url, engine)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, ws="none",
-                                          timeout_graceful_shutdown=5))
-    server.run(sockets=[sock])
+        on_ready(url_of(sock), engine)
+    uvicorn_server(app, log_level).run(sockets=[sock])
+
+
+def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          config: EngineConfig | None = None, device: str = "cpu", model_name: str | None = None,
+          on_ready: Callable[[str, Engine], None] | None = None, log_level: str = "warning") -> None:
+    """Load the model at `path` and serve it until interrupted (Ctrl-C or SIGTERM)."""
+    engine = Engine.from_path(path, config=config, device=device, name=model_name)
+    serve_engine(engine, host, port, api_key, on_ready, log_level)
