@@ -20,7 +20,8 @@ HF_PREFIX = "hf:"
 def load_for_serving(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, str]:
     """(model in eval mode, its tokenizer, a model name) for `path`.
 
-    `path` is a run folder (its newest valid checkpoint), a `step_*` checkpoint folder, or a GPT-2
+    `path` is a run folder (its newest valid checkpoint), a `step_*` checkpoint folder, a
+    quantized checkpoint folder (`plait quantize`, see :mod:`plait.serve.quantize.store`), or a GPT-2
     folder (`config.json` + safetensors), which may also be written `hf:PATH`. A GPT-2 folder
     with tokenizer files uses that tokenizer; otherwise plait's byte tokenizer is used.
     """
@@ -39,6 +40,11 @@ def load_for_serving(path: str | Path, device: str | torch.device = "cpu") -> tu
             tok = Bytes()
             log.info("%s has no tokenizer files: using plait's byte tokenizer", folder)
         return model, tok, folder.resolve().name
+
+    from plait.serve.quantize.store import is_quantized_folder, load_quantized
+
+    if is_quantized_folder(folder):
+        return load_quantized(folder, device)[0], Bytes(), folder.resolve().name
 
     from plait.generate import find_checkpoint, load_model
 
