@@ -1,7 +1,8 @@
 """Edge export: ONNX Runtime fp32 and int8 against eager PyTorch, one thread, one sample at a time.
 
 Two models, each trained here, saved as a plait checkpoint and exported with `plait export
---format onnx` (and `--int8`: ONNX Runtime's dynamic quantization, int8 weights):
+--format onnx` (and `--int8`: ONNX Runtime's dynamic quantization, int8 weights; for the MLPs
+then fused by ONNX Runtime's graph optimizer into one DynamicQuantizeMatMul per layer):
 - the digits MLP at the size of examples/ps_digits_sync.toml (64 → 64 → 10), trained with Adam on
   scikit-learn's digits; held-out accuracy on the fixed split (359 images); and a wider one
   (64 → 256 → 256 → 10), where the graph's fixed bytes (nodes, biases, scales) no longer weigh
