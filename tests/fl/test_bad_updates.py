@@ -45,7 +45,9 @@ def _corrupt(kind):
             reply.content[METRICS] = MetricRecord({"num-examples": -5})
             return reply
         if kind == "topk_indices":
-            payload = np.concatenate([np.ones(4, np.float32).view(np.uint8), np.array([0, 1, 2, 10**7], np.int32).view(np.uint8)])
+            # float16 values, uint16 indices (the model is small): the last index is past its end
+            payload = np.concatenate([np.ones(4, np.float16).view(np.uint8),
+                                      np.array([0, 1, 2, 65_000], np.uint16).view(np.uint8)])
             reply.content[ARRAYS] = ArrayRecord({"update": Array(payload)})
             reply.content[SCHEME] = ConfigRecord({"kind": "topk", "rank": 1})
             return reply
@@ -86,7 +88,11 @@ def test_check_update_accepts_a_good_update_and_names_what_is_wrong():
 
 
 @pytest.mark.parametrize("payload, scheme, match", [
-    (np.zeros(7, np.uint8), {"kind": "topk", "rank": 1}, "8 bytes an entry"),
+    (np.zeros(7, np.uint8), {"kind": "topk", "rank": 1}, "4 bytes an entry"),
+    (np.zeros(7, np.uint8), {"kind": "topk", "rank": 1, "values": "float32"}, "6 bytes an entry"),
+    (np.zeros(8, np.uint8), {"kind": "topk", "rank": 1, "values": "int8"}, "top-k values 'int8' unknown"),
+    (np.concatenate([np.array([np.inf], np.float16).view(np.uint8), np.array([1], np.uint16).view(np.uint8)]),
+     {"kind": "topk", "rank": 1}, "must be finite"),
     (np.zeros(5, np.float32), {"kind": "powersgd", "rank": 1}, "float32 × 6"),
     (np.zeros(6, np.float32), {"kind": "zip", "rank": 1}, "unknown compression"),
 ])

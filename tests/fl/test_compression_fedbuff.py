@@ -45,12 +45,20 @@ def test_topk_sends_the_largest_entries_and_keeps_the_rest_as_error_feedback():
     k = int(np.ceil(0.05 * delta.size))
     assert np.count_nonzero(sent) == k
     assert np.abs(delta[sent != 0]).min() >= np.abs(delta[sent == 0]).max()
-    assert content[ARRAYS]["update"].numpy().nbytes == 8 * k and SCHEME in content.config_records
+    # float16 values and uint16 indices (528 parameters): 4 bytes an entry
+    assert content[ARRAYS]["update"].numpy().nbytes == 4 * k and SCHEME in content.config_records
     error = np.concatenate([v.ravel() for v in ctx.state[ERROR_FEEDBACK].to_numpy_ndarrays()])
     np.testing.assert_allclose(sent + error, delta, atol=1e-6)  # nothing lost: sent + kept = update
-    # Next round, with no new change, the kept remainder is what gets sent.
-    again, _ = _round_trip(CompressionMod("topk", ratio=1.0), ctx, REF)
+    assert 0 < np.abs(error[sent != 0]).max() < 1e-2  # the float16 rounding is kept too
+    # Next round, with no new change, the kept remainder is what gets sent (float32: exactly).
+    again, _ = _round_trip(CompressionMod("topk", ratio=1.0, values="float32"), ctx, REF)
     np.testing.assert_allclose(np.concatenate([(again[k] - REF[k]).ravel() for k in REF]), error, atol=1e-6)
+
+
+def test_topk_indices_widen_past_65536_parameters():
+    from plait.fl.compress import index_dtype
+
+    assert index_dtype(2 ** 16) is np.uint16 and index_dtype(2 ** 16 + 1) is np.uint32
 
 
 def test_powersgd_sends_factors_and_their_residual_is_kept():

@@ -27,7 +27,7 @@ def client_mods(cfg: Config) -> list:
     mods: list = []
     if f.compression != "none":
         from plait.fl.compress import CompressionMod
-        mods.append(CompressionMod(f.compression, f.topk_ratio, f.powersgd_rank, f.seed))
+        mods.append(CompressionMod(f.compression, f.topk_ratio, f.powersgd_rank, f.seed, f.topk_values))
     if f.dp == "local":
         from flwr.clientapp.mod import LocalDpMod
         mods.append(LocalDpMod(f.dp_clip, f.dp_clip, f.dp_epsilon, f.dp_delta))

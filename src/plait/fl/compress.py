@@ -7,7 +7,10 @@ and added to the next round's update (error feedback), as plait's gradient hooks
 (plait.parallel.data_parallel.compression supplies the math).
 
 - "topk": the ⌈ratio·n⌉ largest-magnitude entries of the whole flattened update, sent as one byte
-  array of float32 values followed by their int32 indices.
+  array of their values (float16 by default, `fl.topk_values`) followed by their indices in the
+  narrowest unsigned width that addresses the model (uint16 up to 65,536 parameters, else
+  uint32): 4 bytes an entry instead of 8, so twice the entries for the same upload. The value
+  rounding is kept on the client with the rest of what was not sent (error feedback).
 - "powersgd": every matrix whose rank-r factors are smaller than itself is sent as P̂ (n×r) and
   Q (m×r) with Δ ≈ P̂Qᵀ (Q warm-starts the next round); vectors are sent whole. One float32 array.
 
@@ -35,6 +38,13 @@ SCHEME = "plait-compression"  # the ConfigRecord naming the scheme of a compress
 ERROR_FEEDBACK = "plait-error-feedback"  # Context.state: what earlier rounds' compression missed
 WARM_Q = "plait-powersgd-q"  # Context.state: PowerSGD's Qs
 KINDS = ("topk", "powersgd")
+VALUE_DTYPES = {"float16": np.float16, "float32": np.float32}
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def index_dtype(total: int) -> type:
+    """The narrowest unsigned integer that holds every index of `total` parameters."""
+    return np.uint16 if total <= 2 ** 16 else np.uint32
 
 
 class UpdateDecodeError(PlaitError, ValueError):
@@ -59,14 +69,16 @@ def _initial_q(m: int, rank: int, seed: int) -> torch.Tensor:
 class CompressionMod:
     """A Flower client mod: replace a train reply's parameters by its compressed update."""
 
-    def __init__(self, kind: str, ratio: float = 0.01, rank: int = 1, seed: int = 0):
+    def __init__(self, kind: str, ratio: float = 0.01, rank: int = 1, seed: int = 0, values: str = "float16"):
         if kind not in KINDS:
             raise ConfigError(f"fl.compression={kind!r} is invalid here; valid: {', '.join(KINDS)}")
+        if values not in VALUE_DTYPES:
+            raise ConfigError(f"fl.topk_values={values!r} is invalid; valid: {', '.join(VALUE_DTYPES)}")
         if not 0.0 < ratio <= 1.0:
             raise ConfigError(f"fl.topk_ratio={ratio} must be in (0, 1]")
         if rank < 1:
             raise ConfigError(f"fl.powersgd_rank={rank} must be ≥ 1")
-        self.kind, self.ratio, self.rank, self.seed = kind, ratio, rank, seed
+        self.kind, self.ratio, self.rank, self.seed, self.values = kind, ratio, rank, seed, values
 
     def __call__(self, msg: Message, ctxt: Context, call_next) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN or ARRAYS not in msg.content.array_records:
@@ -85,20 +97,27 @@ class CompressionMod:
         payload, residual = (self._topk(delta) if self.kind == "topk" else self._powersgd(delta, ctxt))
         ctxt.state[ERROR_FEEDBACK] = ArrayRecord({k: Array(v.numpy()) for k, v in residual.items()})
         reply.content[ARRAYS] = ArrayRecord({"update": Array(payload)})
-        reply.content[SCHEME] = ConfigRecord({"kind": self.kind, "rank": self.rank})
+        scheme = {"kind": self.kind, "rank": self.rank}
+        if self.kind == "topk":
+            scheme["values"] = self.values
+        reply.content[SCHEME] = ConfigRecord(scheme)
         return reply
 
     def _topk(self, delta: dict[str, torch.Tensor]) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
         flat = torch.cat([d.reshape(-1) for d in delta.values()])
         idx = topk_indices(flat, self.ratio)
-        values = flat[idx].contiguous()
+        values = flat[idx].numpy()
+        if self.values == "float16":  # out-of-range magnitudes are sent at the limit, the rest kept
+            values = np.clip(values, -FLOAT16_MAX, FLOAT16_MAX)
+        sent = values.astype(VALUE_DTYPES[self.values])
         rest = flat.clone()
-        rest[idx] = 0
+        rest[idx] -= torch.from_numpy(sent.astype(np.float32))
         residual, at = {}, 0
         for k, d in delta.items():
             residual[k] = rest[at:at + d.numel()].view_as(d)
             at += d.numel()
-        payload = np.concatenate([values.numpy().view(np.uint8), idx.to(torch.int32).numpy().view(np.uint8)])
+        indices = idx.numpy().astype(index_dtype(flat.numel()))
+        payload = np.concatenate([sent.view(np.uint8), indices.view(np.uint8)])
         return payload, residual
 
     def _powersgd(self, delta: dict[str, torch.Tensor], ctxt: Context) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
@@ -136,13 +155,21 @@ def decode_update(content: RecordDict, reference: ArrayRecord) -> ArrayRecord:
     shapes = {k: v.shape for k, v in ref.items()}
     total = sum(int(np.prod(s)) for s in shapes.values())
     if kind == "topk":
-        if payload.dtype != np.uint8 or payload.size % 8:
-            raise UpdateDecodeError(f"a top-k payload is uint8 values+indices (8 bytes an entry), got "
+        value_name = scheme.get("values", "float16")
+        if value_name not in VALUE_DTYPES:
+            raise UpdateDecodeError(f"top-k values {value_name!r} unknown; valid: {', '.join(VALUE_DTYPES)}")
+        value_t, index_t = np.dtype(VALUE_DTYPES[value_name]), np.dtype(index_dtype(total))
+        entry = value_t.itemsize + index_t.itemsize
+        if payload.dtype != np.uint8 or payload.size % entry:
+            raise UpdateDecodeError(f"a top-k payload of {value_name} values and {index_t.name} indices is "
+                                    f"uint8 × a multiple of {entry} ({entry} bytes an entry), got "
                                     f"{payload.dtype} × {payload.size}")
-        k = payload.size // 8
-        values = payload[:4 * k].view(np.float32)
-        idx = payload[4 * k:].view(np.int32)
-        if k == 0 or k > total or idx.min() < 0 or idx.max() >= total or len(np.unique(idx)) != k:
+        k = payload.size // entry
+        values = payload[:value_t.itemsize * k].view(value_t).astype(np.float32)
+        idx = payload[value_t.itemsize * k:].view(index_t).astype(np.int64)
+        if not np.isfinite(values).all():
+            raise UpdateDecodeError("top-k values must be finite")
+        if k == 0 or k > total or idx.max() >= total or len(np.unique(idx)) != k:
             raise UpdateDecodeError(f"top-k indices must be {k} distinct positions in [0, {total})")
         flat = np.zeros(total, dtype=np.float32)
         flat[idx] = values

@@ -33,9 +33,11 @@ class LocalWork:
     proximal_mu: float = 0.0  # FedProx: mu/2 · ||w − w_global||² added to the loss
 
     @classmethod
-    def from_config(cls, cfg: Config, proximal_mu: float = 0.0) -> "LocalWork":
+    def from_config(cls, cfg: Config, proximal_mu: float = 0.0, server_round: int = 1) -> "LocalWork":
+        """The work of a client in `server_round` (1-based), its lr decayed by fl.lr_decay."""
         f = cfg.fl
-        return cls(f.local_epochs, f.local_steps, f.batch_size, f.lr, f.momentum, proximal_mu)
+        lr = f.lr * f.lr_decay ** max(server_round - 1, 0)
+        return cls(f.local_epochs, f.local_steps, f.batch_size, lr, f.momentum, proximal_mu)
 
     def batch_for(self, n: int) -> int:
         return n if self.batch_size == 0 else min(self.batch_size, n)

@@ -52,7 +52,7 @@ class SecAggClient(NumPyClient):
         w.model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in zip(self.names, parameters)})
         data = w.dataset(self.pid)
         server_round = int(config.get("server-round", 0))
-        result = train_locally(w.model, data, LocalWork.from_config(w.cfg), w.cfg,
+        result = train_locally(w.model, data, LocalWork.from_config(w.cfg, server_round=server_round), w.cfg,
                                seed=round_seed(w.cfg.fl.seed, server_round, self.pid))
         return self.get_parameters({}), result.examples, {"train-loss": result.loss}
 

@@ -54,7 +54,7 @@ class ClientWorker:
         server_round = int(config.get("server-round", 0))
         load_arrays(self.model, msg.content.array_records[ARRAYS])
         data = self.dataset(pid)
-        work = LocalWork.from_config(self.cfg, float(config.get("proximal-mu", 0.0)))
+        work = LocalWork.from_config(self.cfg, float(config.get("proximal-mu", 0.0)), server_round)
         cut = self.straggler_steps(server_round, pid, work.planned_steps(len(data)))
         targets = (flip_labels(N_CLASSES) if self.cfg.fl.attack == "label_flip" and pid in self.attackers
                    else None)
