@@ -20,14 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence as Seq
 
+import torch
+
 from plait.errors import ConfigError, RequestError, ServerBusyError
 from plait.models.gpt import GPT
 from plait.serve.invariance import probe_row_quantum, probe_span_quantum
 from plait.serve.kv_cache import KVCache
 from plait.serve.params import SamplingParams
-from plait.serve.runner import Chunk, ModelRunner, StepInput
+from plait.serve.quantize.linear import check_scheme
+from plait.serve.quantize.runtime import (bind_quantized_layers, ensure_quantized, has_quantized_layers,
+                                          probe_quantized_row_quantum)
+from plait.serve.runner import Chunk, ModelRunner, StepInput, StepRunner
 from plait.serve.sampling import new_generator, sample_next
-from plait.serve.scheduler import Scheduler
+from plait.serve.scheduler import Plan, Scheduler
 from plait.serve.sequence import Sequence
 from plait.serve.text import Bytes, TextStream, Tokenizer
 
@@ -42,7 +47,9 @@ class EngineConfig:
     prefill_chunk: prompt tokens per sequence per step; max_step_tokens: tokens per step in all
     (0 = max_seqs + 2 × prefill_chunk); max_queue: requests waiting for a slot before new ones
     are refused; row_quantum: rows per padded matrix product, span_quantum: attention spans are
-    multiples of it (0 = probe this machine at start for both; see `plait.serve.invariance`).
+    multiples of it (0 = probe this machine at start for both; see `plait.serve.invariance`);
+    quantize: None, or "int8" | "int4" | "bf16" to serve a float model with reduced-bit linear
+    layers (swapped in place at start; see `plait.serve.quantize`).
     """
 
     max_seqs: int = 32
@@ -51,6 +58,7 @@ class EngineConfig:
     max_queue: int = 256
     row_quantum: int = 0
     span_quantum: int = 0
+    quantize: str | None = None
 
     def check(self) -> None:
         for name in ("max_seqs", "prefill_chunk", "max_queue"):
@@ -61,6 +69,8 @@ class EngineConfig:
         for name in ("row_quantum", "span_quantum"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be ≥ 0 (0 = probe at start)")
+        if self.quantize is not None:
+            check_scheme(self.quantize, "quantize")
 
     @property
     def step_tokens(self) -> int:
@@ -96,9 +106,17 @@ class Engine:
     """Serves a plain :class:`GPT`: many requests at once, each as if it ran alone."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None,
-                 name: str = "plait"):
+                 name: str = "plait", *, runner: StepRunner | None = None):
+        """`runner`, when given, runs the steps instead of a :class:`ModelRunner` over `model` (and
+        brings its own KV cache): how a model split over processes plugs in (see
+        :mod:`plait.serve.model_parallel`); `model` then only names the shape (cfg, dtype, device)."""
         self.config = config or EngineConfig()
         self.config.check()
+        if runner is None:
+            model = ensure_quantized(model, self.config.quantize)
+        elif self.config.quantize:
+            raise ConfigError(f"quantize={self.config.quantize!r} is applied by the in-process runner only; a "
+                              "model split over processes is served with float weights")
         self.model = model.eval()
         self.tokenizer = tokenizer or Bytes()
         self.name = name
@@ -107,14 +125,24 @@ class Engine:
         self.vocab_size = c.vocab_size
         p = next(model.parameters())
         self.device = p.device
-        self.cache = KVCache(c.n_layer, self.config.max_seqs, c.n_head, c.block_size, c.n_embd // c.n_head,
-                             dtype=p.dtype, device=p.device)
+        if runner is None:
+            cache = KVCache(c.n_layer, self.config.max_seqs, c.n_head, c.block_size, c.n_embd // c.n_head,
+                            dtype=p.dtype, device=p.device)
+            quantum = self.config.row_quantum or probe_row_quantum(model, self.config.step_tokens)
+            quantized = has_quantized_layers(model)
+            if quantized and not self.config.row_quantum:
+                quantum = max(quantum, probe_quantized_row_quantum(model, self.config.step_tokens))
+            spans = self.config.span_quantum or probe_span_quantum(c.n_head, c.n_embd // c.n_head, c.block_size,
+                                                                   p.dtype, p.device)
+            runner = ModelRunner(model, cache, quantum, spans)
+            if quantized:
+                bind_quantized_layers(runner)
+        self.runner = runner
+        self.cache = runner.cache
+        quantum, spans = runner.quantum, runner.span_quantum
         self.scheduler = Scheduler(self.cache, self.config.step_tokens, self.config.prefill_chunk)
-        quantum = self.config.row_quantum or probe_row_quantum(model, self.config.step_tokens)
-        spans = self.config.span_quantum or probe_span_quantum(c.n_head, c.n_embd // c.n_head, c.block_size,
-                                                               p.dtype, p.device)
-        self.runner = ModelRunner(model, self.cache, quantum, spans)
         self._seqs: dict[str, Sequence] = {}
+        self._replay: dict[str, list[int]] = {}  # request id → tokens to replay (see add_request)
         self._counter = itertools.count()
         log.info("engine: %d slots × %d positions (KV cache %.1f MB), %d tokens per step, row quantum %d, "
                  "span quantum %d", self.config.max_seqs, c.block_size, self.cache.nbytes / 1e6,
@@ -128,6 +156,13 @@ class Engine:
 
         model, tok, default_name = load_for_serving(path, device)
         return cls(model, tok, config, name or default_name)
+
+    def close(self) -> None:
+        """Release what the runner holds beyond this process (a model-parallel group's worker
+        processes); nothing to do for an in-process engine. The engine is unusable afterwards."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -152,12 +187,19 @@ class Engine:
         return ids
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, resume: Seq[int] = ()) -> str:
         """Queue a request; returns its id. Raises RequestError (bad input) or ServerBusyError
-        (queue full)."""
+        (queue full).
+
+        `resume`: tokens this request already produced elsewhere (a stream that moves from a
+        replica that died). They are replayed rather than sampled, one per step through the same
+        decode path, and each still takes its random draw, so the tokens that follow are those an
+        undisturbed run gives, greedy or seeded; their text is not sent again.
+        """
         params = params or SamplingParams()
         ids = self.encode(prompt)
         params.check(len(ids), self.context)
+        resume = self.check_resume(resume, params)
         if self.num_waiting >= self.config.max_queue:
             raise ServerBusyError(f"{self.num_waiting} requests are waiting (max_queue="
                                   f"{self.config.max_queue}); retry later")
@@ -167,14 +209,30 @@ class Engine:
         seq = Sequence(rid, ids, params, None if params.greedy else new_generator(params.seed, self.device),
                        TextStream(self.tokenizer.decoder(), params.stop))
         self._seqs[rid] = seq
+        if resume:
+            self._replay[rid] = resume
         self.scheduler.add(seq)
         return rid
+
+    def check_resume(self, resume: Seq[int], params: SamplingParams) -> list[int]:
+        """`resume` as a list, or RequestError: token ids in the vocabulary, fewer than max_tokens,
+        no end token (a stream that ended is not resumed)."""
+        ids = list(resume)
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in ids):
+            raise RequestError(f"plait.resume token ids must be integers in [0, {self.vocab_size})", "plait")
+        if len(ids) >= params.max_tokens:
+            raise RequestError(f"plait.resume holds {len(ids)} tokens; a request to resume has fewer "
+                               f"than max_tokens={params.max_tokens}", "plait")
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id in ids:
+            raise RequestError("plait.resume holds the end token: that stream is finished", "plait")
+        return ids
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request (queued or running) and free its slot; False if it is not in flight."""
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return False
+        self._replay.pop(request_id, None)
         self.scheduler.finish(seq)
         seq.finish_reason = "abort"
         return True
@@ -186,6 +244,16 @@ class Engine:
         plan = self.scheduler.schedule()
         if not plan:
             return []
+        logits = self.runner.forward(self._step_input(plan))
+        self._mark_computed(plan)
+        return self._outputs(self._ready(plan), logits)
+
+    # The parts of a step, also used by engines that keep several steps in flight
+    # (plait.serve.model_parallel.cohorts).
+
+    @staticmethod
+    def _step_input(plan: Plan) -> StepInput:
+        """The runner's input for `plan` (sorts its decoders by slot)."""
         inp = StepInput()
         plan.decode.sort(key=lambda s: s.slot)  # slots 0..n-1 in order: attention needs no scatter
         for seq in plan.decode:
@@ -194,21 +262,49 @@ class Engine:
             inp.decode_positions.append(seq.prompt_len + len(seq.output_ids) - 1)
         for seq, start, end in plan.prefill:
             inp.chunks.append(Chunk(seq.slot, start, seq.prompt_ids[start:end], end == seq.prompt_len))
-        logits = self.runner.forward(inp)
+        return inp
+
+    @staticmethod
+    def _mark_computed(plan: Plan) -> None:
         for seq in plan.decode:
             seq.computed += 1
         for seq, _, end in plan.prefill:
             seq.computed = end
-        ready = plan.decode + [seq for seq, _, end in plan.prefill if end == seq.prompt_len]
-        tokens = sample_next(logits, [s.params for s in ready], [s.generator for s in ready])
-        return [self._append(seq, tok) for seq, tok in zip(ready, tokens)]
 
-    def _append(self, seq: Sequence, token: int) -> RequestOutput:
+    @staticmethod
+    def _ready(plan: Plan) -> list[Sequence]:
+        """The sequences whose logits `plan`'s step returns, in the order of its logits rows."""
+        return plan.decode + [seq for seq, _, end in plan.prefill if end == seq.prompt_len]
+
+    def _outputs(self, ready: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
+        """Sample each of `ready`'s next token from its row of `logits` and append it."""
+        tokens = sample_next(logits, [s.params for s in ready], [s.generator for s in ready])
+        if not self._replay:
+            return [self._append(seq, tok) for seq, tok in zip(ready, tokens)]
+        outputs = []
+        for seq, tok in zip(ready, tokens):
+            replay = self._replay.get(seq.request_id)
+            if replay is None:
+                outputs.append(self._append(seq, tok))
+                continue
+            # A resumed request: the token its first run sent replaces the one just drawn (the
+            # draw still kept its generator in step).
+            tok = replay[len(seq.output_ids)]
+            if len(seq.output_ids) + 1 == len(replay):
+                del self._replay[seq.request_id]
+            out = self._append(seq, tok, replayed=True)
+            if out.finished:
+                outputs.append(out)
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, replayed: bool = False) -> RequestOutput:
         now = time.perf_counter()
         seq.output_ids.append(token)
-        if seq.first_token_time is None:
+        if seq.first_token_time is None and not replayed:
             seq.first_token_time = now
         text, stopped = seq.text.push(token)
+        if replayed:  # its text was sent by the run that produced it
+            text = ""
         reason = None
         if stopped or (token == self.tokenizer.eos_token_id):
             reason = "stop"
@@ -219,6 +315,7 @@ class Engine:
             seq.finish_reason, seq.finish_time = reason, now
             self.scheduler.finish(seq)
             del self._seqs[seq.request_id]
+            self._replay.pop(seq.request_id, None)
         return RequestOutput(seq.request_id, text, [token], reason is not None, reason,
                              seq.prompt_len, len(seq.output_ids))
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -56,6 +57,17 @@ class StepInput:
     @property
     def num_tokens(self) -> int:
         return len(self.decode_tokens) + sum(len(c.tokens) for c in self.chunks)
+
+
+class StepRunner(Protocol):
+    """What the engine needs of whatever runs its steps: the KV cache whose slots the scheduler
+    hands out (allocate, release, move), the row and span quanta it pads to, and the step itself."""
+
+    cache: KVCache
+    quantum: int
+    span_quantum: int
+
+    def forward(self, step: StepInput) -> torch.Tensor: ...
 
 
 class ModelRunner:

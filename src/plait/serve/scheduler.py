@@ -51,17 +51,23 @@ class Scheduler:
         # Chunks start at multiples of prefill_chunk: their shapes depend on the request alone.
         return min(seq.computed + self.prefill_chunk, seq.prompt_len)
 
-    def schedule(self) -> Plan:
-        plan = Plan(decode=[s for s in self.running if not s.prefilling])
+    def schedule(self, among: list[Sequence] | None = None, admit: int | None = None) -> Plan:
+        """The next step's plan. `among`: plan only these running sequences (in admission order;
+        None = all), `admit`: take at most this many newcomers (None = as many as fit), for an
+        engine that runs groups of sequences in turn."""
+        running = self.running if among is None else among
+        plan = Plan(decode=[s for s in running if not s.prefilling])
         budget = self.max_step_tokens - len(plan.decode)
-        for seq in self.running:
+        for seq in running:
             if seq.prefilling:
                 end = self._chunk_end(seq)
                 if end - seq.computed > budget:
                     return plan  # first come, first served: no newcomer overtakes this prompt
                 plan.prefill.append((seq, seq.computed, end))
                 budget -= end - seq.computed
-        while self.waiting and self.cache.num_free:
+        while self.waiting and self.cache.num_free and (admit is None or admit > 0):
+            if admit is not None:
+                admit -= 1
             seq = self.waiting[0]
             end = self._chunk_end(seq)
             if end - seq.computed > budget:
@@ -74,12 +80,18 @@ class Scheduler:
             budget -= end - seq.computed
         return plan
 
+    def _fillers(self, slot: int) -> list[Sequence]:
+        """The running sequences whose highest one moves down into `slot` when it is freed: all of
+        them here (busy slots packed at the bottom); an engine that packs groups of slots apart
+        narrows this."""
+        return self.running
+
     def finish(self, seq: Sequence) -> None:
         """Take `seq` out (running or waiting) and free its slot, keeping busy slots packed."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
             freed = seq.slot
-            top = max(self.running, key=lambda s: s.slot, default=None)
+            top = max(self._fillers(freed), key=lambda s: s.slot, default=None)
             if top is not None and top.slot > freed:
                 self.cache.move(top.slot, freed, top.computed)
                 freed, top.slot = top.slot, freed

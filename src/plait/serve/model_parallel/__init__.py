@@ -11,8 +11,9 @@
 
 - tensor parallel (`tp`): Megatron-LM column/row layers from the training side split each block's
   heads and MLP; logits are gathered over the group for sampling.
-- pipeline parallel (`pp`): stages of consecutive blocks; the running batch is cut into
-  micro-batches that flow through the stages so the stages work at the same time.
+- pipeline parallel (`pp`): stages of consecutive blocks; the running sequences form pp cohorts
+  whose steps follow each other through the stages, so the stages work at the same time (or,
+  with one cohort, each step's batch is cut into micro-batches that flow through the stages).
 
 The calling process is rank 0 and runs the engine; the others are spawned here and stopped by
 `engine.close()`. Greedy output is token-identical to a one-process :class:`~plait.serve.Engine`.
@@ -21,6 +22,7 @@ The calling process is rank 0 and runs the engine; the others are spawned here a
 - microbatch.py  cutting a step into micro-batches
 - shard.py       one rank's layers, heads and KV cache, and their arithmetic
 - schedule.py    a step on every rank: micro-batches through the stages
+- cohorts.py     the engine that keeps one step of each cohort in flight
 - group.py       the layout, the worker processes and their loop
 - runner.py      rank 0's runner, which the engine calls
 """
@@ -44,13 +46,17 @@ __all__ = ["open_engine"]
 
 
 def open_engine(path: str | Path, config: EngineConfig | None = None, *, tp: int = 1, pp: int = 1,
-                device: str = "cpu", micro_batches: int = 0, threads: int = 0,
+                device: str = "cpu", micro_batches: int = 0, cohorts: int = 0, threads: int = 0,
                 name: str | None = None) -> Engine:
     """An :class:`Engine` for the model at `path` (as `Engine.from_path` takes it) whose model
     runs on tp × pp processes; call `engine.close()` to stop them.
 
-    `micro_batches`: micro-batches per step through a pipeline (0 = 2 × pp, or 1 without one;
-    1 = a naive layer split, the whole batch through one stage after the other). `threads`: intra-op threads of each
+    `cohorts`: groups of running sequences with a step in flight at once, so that a pipeline's
+    stages work on different groups' steps at the same time (0 = pp; 1 = one step at a time; see
+    :mod:`~plait.serve.model_parallel.cohorts`); a pipeline's engine can change it while idle
+    (`engine.cohorts`). `micro_batches`: micro-batches per step through a pipeline (0 = 1 with
+    cohorts, else 2 × pp, or 1 without a pipeline; 1 with one cohort = a naive layer split, the
+    whole batch through one stage after the other). `threads`: intra-op threads of each
     spawned rank (0 = this machine's cores shared among the tp × pp processes); this process
     keeps its own setting.
     """
@@ -76,6 +82,13 @@ def open_engine(path: str | Path, config: EngineConfig | None = None, *, tp: int
             raise ConfigError(f"--{field} {value!r} must be an integer ≥ 1")
     if not isinstance(micro_batches, int) or micro_batches < 0:
         raise ConfigError(f"micro_batches={micro_batches!r} must be an integer ≥ 0 (0 = automatic)")
+    if not isinstance(cohorts, int) or isinstance(cohorts, bool) or cohorts < 0:
+        raise ConfigError(f"cohorts={cohorts!r} must be an integer ≥ 0 (0 = automatic)")
+    if cohorts > 1 and pp == 1:
+        raise ConfigError(f"cohorts={cohorts} needs a pipeline (--pp ≥ 2); without one use cohorts=1")
+    cohorts = cohorts or pp
+    if not micro_batches:
+        micro_batches = 1 if cohorts > 1 or pp == 1 else 2 * pp
     dev = device_of(device, 0)
     if dev.type == "cuda":
         if torch.cuda.device_count() < tp * pp:
@@ -98,7 +111,7 @@ def open_engine(path: str | Path, config: EngineConfig | None = None, *, tp: int
     spans = config.span_quantum or probe_span_quantum(c.n_head // tp, c.n_embd // c.n_head, c.block_size,
                                                       _dtype(model), dev)
     layout = Layout(tp=tp, pp=pp, max_seqs=config.max_seqs, step_tokens=config.step_tokens, quantum=quantum,
-                    span_quantum=spans, micro_batches=micro_batches or (2 * pp if pp > 1 else 1),
+                    span_quantum=spans, micro_batches=micro_batches,
                     device=str(device), bounds=bounds)
     threads = threads or max(1, (os.cpu_count() or 1) // layout.world)
     workers = Workers(path, layout, threads)
@@ -111,9 +124,13 @@ def open_engine(path: str | Path, config: EngineConfig | None = None, *, tp: int
         workers.kill()
         raise
     runner = ParallelRunner(shard, place, layout, workers)
-    log.info("model-parallel replica: tp=%d × pp=%d processes, stage blocks %s, %d micro-batches per step",
-             tp, pp, list(bounds), layout.micro_batches)
+    log.info("model-parallel replica: tp=%d × pp=%d processes, stage blocks %s, %d cohorts, %d micro-batches "
+             "per step", tp, pp, list(bounds), cohorts, layout.micro_batches)
     try:
+        if pp > 1:
+            from plait.serve.model_parallel.cohorts import CohortEngine
+
+            return CohortEngine(model, tokenizer, config, name or default_name, runner=runner, cohorts=cohorts)
         return Engine(model, tokenizer, config, name or default_name, runner=runner)
     except BaseException:
         runner.close()

@@ -114,6 +114,7 @@ def _worker_main(rank: int, path: str, layout: Layout, port: int, threads: int, 
         reports.put((rank, "failed", traceback.format_exc()))
         return
     buf = torch.empty(layout.message_size, dtype=torch.int64, device=dev if dev.type == "cuda" else "cpu")
+    index = 0  # STEP messages so far: the step's tags (see schedule.tags)
     try:
         while True:
             dist.broadcast(buf, src=0)
@@ -123,7 +124,8 @@ def _worker_main(rank: int, path: str, layout: Layout, port: int, threads: int, 
             if msg.op == message.STOP:
                 break
             if msg.op == message.STEP:
-                run_step(shard, place, msg.step, msg.micro_batches)
+                run_step(shard, place, msg.step, msg.micro_batches, index)
+                index += 1
     except BaseException:  # noqa: BLE001
         reports.put((rank, "failed", traceback.format_exc()))
         raise

@@ -7,12 +7,14 @@ stages work at the same time except for the fill and drain of the pipeline: a st
 stage after the other (m = 1: what :func:`run_step` does with `micro_batches=1`). The last
 stage's first tensor-parallel rank sends the step's logits to rank 0, which samples.
 
-Decoding cannot pipeline across steps (step t + 1's tokens are sampled from step t's logits), so
-the pipeline fills and drains within every step.
+A sequence's step t + 1 cannot start before step t's logits are sampled, so within one step the
+pipeline fills and drains; :mod:`plait.serve.model_parallel.cohorts` keeps the stages busy across
+steps instead, with several groups of sequences in flight (:func:`start_step` starts a step on
+rank 0 without waiting for the last stage).
 
 Receives are posted up front in micro-batch order and sends in the same order on each channel,
-with one tag per micro-batch (and one for the step's logits), so both Gloo (matching by tag) and
-NCCL (matching by posting order) pair them right.
+with one tag per step and micro-batch (and one per step for its logits), so both Gloo (matching by
+tag) and NCCL (matching by posting order) pair them right, also with steps in flight together.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from plait.serve.model_parallel.microbatch import split
 from plait.serve.model_parallel.shard import StageShard
 from plait.serve.runner import StepInput
 
-_LOGITS_TAG = 1 << 20  # tags of logits messages start here; activations use the micro-batch index
+_LOGITS_TAG = 1 << 20  # tags of logits messages start here; activations: step tag base + micro-batch index
+_TAG_STEPS = 64  # steps told apart by tag (far more than are ever in flight at once)
 
 
 @dataclass(frozen=True)
@@ -58,27 +61,67 @@ class Place:
         return stage * self.tp + self.tp_rank
 
 
-def run_step(shard: StageShard, place: Place, step: StepInput, micro_batches: int) -> torch.Tensor | None:
-    """Run `step` here; rank 0 gets the step's logits (as the single-process runner returns them)."""
+def tags(index: int) -> tuple[int, int]:
+    """(first activation tag, logits tag) of the `index`-th step a group runs: steps in flight at
+    the same time (see :mod:`plait.serve.model_parallel.cohorts`) never share a tag."""
+    k = index % _TAG_STEPS
+    return k << 14, _LOGITS_TAG + k
+
+
+def run_step(shard: StageShard, place: Place, step: StepInput, micro_batches: int,
+             index: int = 0) -> torch.Tensor | None:
+    """Run `step` (the group's `index`-th) here; rank 0 gets the step's logits (as the
+    single-process runner returns them)."""
+    return start_step(shard, place, step, micro_batches, index).finish()
+
+
+@dataclass
+class Pending:
+    """A step this rank has started: its outstanding sends, and on rank 0 the logits to come."""
+
+    shard: StageShard
+    mbs: list
+    sends: list  # (buffer, work): a send's buffer must live until it completes
+    logits_in: tuple | None
+    rank0: bool
+    done: torch.Tensor | None = None
+
+    def finish(self) -> torch.Tensor | None:
+        """Wait for the step's messages; rank 0 gets the logits, in the step's row order."""
+        for _, work in self.sends:
+            work.wait()
+        self.sends = []
+        if not self.rank0:
+            return None
+        if self.done is not None:
+            return self.done
+        if self.logits_in is None:
+            return torch.empty(0, self.shard.vocab_size, dtype=torch.float32, device=self.shard.device)
+        self.logits_in[1].wait()
+        return _order(self.shard, self.mbs, self.logits_in[0])
+
+
+def start_step(shard: StageShard, place: Place, step: StepInput, micro_batches: int,
+               index: int = 0) -> Pending:
+    """Run this rank's part of `step` as far as it can without waiting for the next stage: on
+    the first stage, its whole share (sends posted, not awaited); elsewhere, the whole step."""
     mbs = split(step, micro_batches, shard.quantum)
     rows = [shard.rows(mb.step) for mb in mbs]
     if place.pp == 1:
         outs = [shard.logits(shard.layers(shard.embed(r), r), r) for r in rows]
-        return _assemble(shard, step, mbs, outs) if place.rank == 0 else None
+        done = _assemble(shard, step, mbs, outs) if place.rank == 0 else None
+        return Pending(shard, mbs, [], None, place.rank == 0, done)
 
+    tag0, logits_tag = tags(index)
     recvs = []
     if not place.first:
         src = place.peer(place.stage - 1)
         for i, r in enumerate(rows):
             buf = torch.empty(r.padded, shard.width, dtype=shard.dtype, device=shard.device)
-            recvs.append((buf, dist.irecv(buf, src=src, tag=i)))
+            recvs.append((buf, dist.irecv(buf, src=src, tag=tag0 + i)))
     # The step's logits come back as one message when the last micro-batch is done: rank 0 has no
     # use for them earlier, and each message would wake it while it computes.
     n_logits = sum(len(r.logit_rows) for r in rows)
-    logits_in = None
-    if place.rank == 0 and n_logits:
-        buf = torch.empty(n_logits, shard.vocab_size, dtype=torch.float32, device=shard.device)
-        logits_in = (buf, dist.irecv(buf, src=place.pp * place.tp - place.tp, tag=_LOGITS_TAG))
     sends = []  # (buffer, work): a send's buffer must live until it completes
     outs = []
     for i, r in enumerate(rows):
@@ -92,18 +135,22 @@ def run_step(shard: StageShard, place: Place, step: StepInput, micro_batches: in
         if place.last:
             outs.append(shard.logits(x, r))
         else:
-            sends.append((x, dist.isend(x, dst=place.peer(place.stage + 1), tag=i)))
+            sends.append((x, dist.isend(x, dst=place.peer(place.stage + 1), tag=tag0 + i)))
     if place.last and place.tp_rank == 0 and n_logits:
         out = torch.cat(outs)
-        sends.append((out, dist.isend(out, dst=0, tag=_LOGITS_TAG)))
-    for _, work in sends:
-        work.wait()
+        sends.append((out, dist.isend(out, dst=0, tag=logits_tag)))
+    logits_in = None
+    if place.rank == 0 and n_logits:
+        # Posted after this rank's sends: on NCCL, a receive queued ahead of them would block them.
+        buf = torch.empty(n_logits, shard.vocab_size, dtype=torch.float32, device=shard.device)
+        logits_in = (buf, dist.irecv(buf, src=place.pp * place.tp - place.tp, tag=logits_tag))
     if place.rank != 0:
-        return None
-    if logits_in is None:
-        return torch.empty(0, shard.vocab_size, dtype=torch.float32, device=shard.device)
-    logits_in[1].wait()
-    return _order(shard, mbs, logits_in[0])
+        # Other ranks finish each step before reading the next message (their caches change in
+        # message order).
+        for _, work in sends:
+            work.wait()
+        sends = []
+    return Pending(shard, mbs, sends, logits_in, place.rank == 0)
 
 
 def _assemble(shard: StageShard, step: StepInput, mbs, outs: list[torch.Tensor]) -> torch.Tensor:
