@@ -10,7 +10,7 @@ NPROC  ?= 4
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt setuptools
-	$(BIN)/python -m pip install -q -c constraints.txt --no-build-isolation -e '.[test,serve,hf,fl,report,ray,edge,quant]'
+	$(BIN)/python -m pip install -q -c constraints.txt --no-build-isolation -e '.[test,serve,hf,fl,report,ray,edge,quant,executorch]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,4 +1,4 @@
-"""The `plait` command: train | generate | serve | export | plan | fl | report.
+"""The `plait` command: train | generate | serve | export | plan | fl | report | multiplex.
 
 `plait --help` and `plait --version` import no torch: every command imports what it needs inside
 its function. User text (messages, paths, config values) is printed literally, never read as
@@ -8,18 +8,16 @@ rich markup, so `exp[v2]` or `corpus[en].txt` show as they are.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import sys
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from plait import __version__
+from plait.config import config_toml
 from plait.errors import CheckpointError, ConfigError, PlaitError
 
 console = Console(stderr=True)
@@ -28,37 +26,6 @@ console = Console(stderr=True)
 def say(message: str) -> None:
     """Print `message` on stderr as it is (no markup, no highlighting)."""
     console.print(message, markup=False, highlight=False, soft_wrap=True)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def config_toml(cfg_dict: dict[str, Any]) -> str:
-    """A config tree (Config.to_dict()) as TOML that `plait train` reads back unchanged."""
-    lines: list[str] = []
-
-    def table(name: str, values: dict[str, Any]) -> None:
-        lines.append(f"[{name}]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict))
-        lines.append("")
-        for k, v in values.items():
-            if isinstance(v, dict):
-                table(f"{name}.{k}", v)
-
-    for section, values in cfg_dict.items():
-        table(section, values)
-    return "\n".join(lines)
 
 
 def _config_path(path: str) -> str:
@@ -75,6 +42,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.set) + (['checkpoint.resume="none"'] if args.fresh else [])
     if args.profile is not None:  # after --set: the flag wins
         overrides.append(f"profile.steps={args.profile}")
+    if args.elastic is not None:
+        lo, sep, hi = args.elastic.partition(":")
+        if not (lo.isdigit() and (not sep or hi.isdigit())):
+            raise ConfigError(f"--elastic {args.elastic!r} must be MIN:MAX nodes (or N), e.g. --elastic 2:3")
+        overrides += [f"elastic.min_nodes={lo}", f"elastic.max_nodes={hi or lo}"]
     cfg = load_config(_config_path(args.config), overrides)
     if args.print_config:
         sys.stdout.write(f"# {args.config}" + "".join(f" --set {o}" for o in overrides) + "\n"
@@ -82,9 +54,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
 
     from plait.config import validate
-    from plait.data.dataset import load_token_splits
     from plait.launch import launch, resolve_device
-    from plait.train.run import train_process
+    from plait.train.run import load_splits, train_process
 
     validate(cfg, args.nproc)
     resolve_device(cfg.train.device)  # train.device="cuda" without CUDA: refused before launch
@@ -94,15 +65,19 @@ def cmd_train(args: argparse.Namespace) -> int:
                               '"auto" (the newest valid checkpoint), "none" or a checkpoint folder')
     if cfg.parallel.ps.servers:
         return _train_parameter_server(cfg, args.nproc)
+    if cfg.elastic.max_nodes:
+        _check_elastic_launch(cfg, args.nproc)
     # Build (and cache) the corpus and check the data here, before any process starts.
     with console.status("preparing data"):
-        train, val = load_token_splits(cfg.data.path, cfg.model.block_size, cfg.data.val_fraction,
-                                       cfg.data.cache_dir or None)
-    say(f"data: {len(train):,} training and {len(val):,} held-out sequences of "
-        f"{cfg.model.block_size} tokens; launching {args.nproc} processes")
-    results = launch(train_process, (cfg.to_dict(), True), nproc=args.nproc,
-                     log_path=Path(cfg.train.out_dir) / "error.log")
-    summary = results.get(0) or next(iter(results.values()))
+        train, val = load_splits(cfg)
+    items = "images" if cfg.data.dataset == "digits" else f"sequences of {cfg.model.block_size} tokens"
+    say(f"data: {len(train):,} training and {len(val):,} held-out {items}; launching {args.nproc} processes")
+    if cfg.elastic.max_nodes:
+        summary = _train_elastic(cfg, args.nproc)
+    else:
+        results = launch(train_process, (cfg.to_dict(), True), nproc=args.nproc,
+                         log_path=Path(cfg.train.out_dir) / "error.log")
+        summary = results.get(0) or next(iter(results.values()))
     table = Table(title="run summary")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -113,6 +88,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     table.add_row("checkpoint", Text(str(summary.get("checkpoint") or "-")))
     console.print(table)
     return 0
+
+
+def _check_elastic_launch(cfg, nproc: int) -> None:
+    """Before any data or process: the node count and the batch at every size it may take."""
+    from plait.elastic.membership import check_elastic
+
+    e = cfg.elastic
+    if not e.min_nodes <= nproc <= e.max_nodes:
+        raise ConfigError(f"--nproc {nproc} must be within --elastic {e.min_nodes}:{e.max_nodes} "
+                          "(each process is one elastic node)")
+    check_elastic(cfg)
+
+
+def _train_elastic(cfg, nproc: int) -> dict:
+    """`--elastic MIN:MAX`: each of the nproc processes is a node with its own elastic agent."""
+    from plait.launch import ElasticJob
+
+    e = cfg.elastic
+    say(f"elastic: {nproc} nodes of 1 process ({e.min_nodes}:{e.max_nodes} allowed); node logs in "
+        f"{Path(cfg.train.out_dir) / 'elastic'}")
+    with ElasticJob(cfg.to_dict(), nproc, e.min_nodes, e.max_nodes, Path(cfg.train.out_dir) / "elastic") as job:
+        return job.wait()
 
 
 def _train_parameter_server(cfg, nproc: int) -> int:
@@ -160,38 +157,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if found is not None and found.server_parts:
         # A parameter-server run: its GPT is assembled from the servers' shards.
         model, _ = load_model(found, device=args.device)
+        if args.quantize:
+            from plait.serve.quantize.model import quantize_model
+
+            quantize_model(model, args.quantize)
         text = sample(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None,
                       args.seed, device=args.device)
     else:
         text = generate_text(path, args.prompt, args.max_new_tokens, args.temperature,
-                             args.top_k, args.seed, device=args.device)
+                             args.top_k, args.seed, device=args.device, quantize=args.quantize)
     sys.stdout.write(text + "\n")
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from plait.serve.quantize.command import run
+
+    return run(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
+    from plait.serve.commands import run_serve
 
-    from plait.serve.commands import engine_config
-    from plait.serve.server import serve
-
-    cfg = engine_config(args.max_seqs, args.prefill_chunk, args.max_step_tokens, args.max_queue)
-
-    def ready(url: str, engine) -> None:
-        console.print(f"serving {engine.name} ({engine.context}-token context) on {url}  "
-                      f"(OpenAI API at {url}/v1)", markup=False, highlight=False, soft_wrap=True)
-
-    serve(args.path, args.host, args.port, args.api_key or os.environ.get("PLAIT_API_KEY") or None,
-          cfg, args.device, args.model_name, on_ready=ready, log_level="info" if args.verbose else "warning")
-    return 0
+    return run_serve(args, say)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from plait.export.hf import export_hf
+    from plait.export.command import run
 
-    out = export_hf(args.path, args.out)
-    console.print(f"wrote Hugging Face GPT-2 folder {out}", markup=False, highlight=False, soft_wrap=True)
-    return 0
+    return run(args)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -250,6 +244,12 @@ def cmd_fl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_multiplex(args: argparse.Namespace) -> int:
+    from plait.elastic.command import run
+
+    return run(args)
+
+
 VERBOSE_HELP = "log at INFO level, with the tracebacks of failed processes"
 
 
@@ -275,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trace STEPS training steps on every rank with torch.profiler, plait's phases "
                         "named (profile.steps; from step profile.start, default 2), into "
                         "OUT_DIR/profile/; read them with `plait report OUT_DIR`")
+    t.add_argument("--elastic", default=None, metavar="MIN:MAX",
+                   help="run elastic: each process is a node (torch elastic agent, c10d rendezvous); "
+                        "the job goes on at any size in MIN:MAX as nodes leave or join")
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="sample text from a checkpoint or run folder")
@@ -289,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample from the k most likely tokens; 0 disables top-k filtering (default 40)")
     g.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same text")
     g.add_argument("--device", default="cpu", help="torch device to sample on, e.g. cpu or cuda (default cpu)")
+    g.add_argument("--quantize", choices=["int8", "int4", "bf16"], default=None,
+                   help="sample with reduced-bit linear weights, quantized at load (a checkpoint written by "
+                        "`plait quantize` is read as it is)")
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
@@ -305,13 +311,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting for a slot before new ones get 429 (default 256)")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--quantize", choices=["int8", "int4", "bf16"], default=None,
+                   help="serve reduced-bit weights (default: as stored)")
+    s.add_argument("--tp", type=int, default=1, help="tensor-parallel processes per engine (default 1)")
+    s.add_argument("--pp", type=int, default=1, help="pipeline stages (processes) per engine (default 1)")
+    s.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="local: plait's own processes (default); ray: deploy on Ray Serve")
+    s.add_argument("--replicas", type=int, default=None,
+                   help="engine replicas behind a router that sends each request to the least busy one, "
+                        "restarts dead ones and moves their requests to live ones (default 1)")
+    scale = s.add_argument_group("autoscaling (Ray Serve's autoscaling_config; any of these turns it on)")
+    scale.add_argument("--min-replicas", type=int, default=None, help="fewest replicas; 0 scales to zero, the "
+                       "next request then starts one (default 1)")
+    scale.add_argument("--max-replicas", type=int, default=None, help="most replicas (default 1)")
+    scale.add_argument("--target-ongoing-requests", type=float, default=None,
+                       help="requests in flight per replica to aim for (default 2)")
+    scale.add_argument("--upscale-delay-s", type=float, default=None,
+                       help="how long more replicas must be wanted before they start (default 30)")
+    scale.add_argument("--downscale-delay-s", type=float, default=None,
+                       help="how long fewer replicas must be wanted before some stop (default 600)")
     s.set_defaults(func=cmd_serve)
 
-    e = sub.add_parser("export", help="export a checkpoint to another format")
-    e.add_argument("path", help="a run folder or a step_* folder")
-    e.add_argument("out", help="the folder to write")
-    e.add_argument("--format", choices=["hf"], default="hf",
-                   help="hf: a Hugging Face GPT2LMHeadModel folder (config.json + safetensors)")
+    from plait.export.command import add_arguments as export_arguments  # argparse only: no torch
+
+    e = sub.add_parser("export", help="export a checkpoint: Hugging Face, ONNX (+ int8) or ExecuTorch")
+    export_arguments(e)
     e.set_defaults(func=cmd_export)
 
     r = sub.add_parser("report", help="plots and a summary of where a run's time went (needs plait[report])")
@@ -333,6 +357,40 @@ def build_parser() -> argparse.ArgumentParser:
     fl = sub.add_parser("fl", help="federated learning on Flower: a local run, or a SuperLink/SuperNode deployment")
     fl_arguments(fl)
     fl.set_defaults(func=cmd_fl)
+
+    from plait.train.distill_command import add_arguments as distill_arguments  # argparse only
+    from plait.train.distill_command import run as distill_run
+
+    di = sub.add_parser("distill", help="train a smaller student on a trained teacher's softened outputs")
+    distill_arguments(di)
+    di.set_defaults(func=distill_run)
+
+    from plait.tune.command import add_arguments as tune_arguments  # argparse only: no torch, no Ray
+    from plait.tune.command import run as tune_run
+
+    tu = sub.add_parser("tune", help="hyperparameter search on Ray Tune: parallel trials, ASHA early stopping")
+    tune_arguments(tu)
+    tu.set_defaults(func=tune_run)
+
+    # Its arguments are set here, not in plait.serve.quantize.command: importing any plait.serve
+    # module runs plait/serve/__init__.py, which loads the engine and torch.
+    qz = sub.add_parser("quantize", help="write a checkpoint with reduced-bit weights (int8, int4, bf16) for serving")
+    qz.add_argument("checkpoint", metavar="RUN_DIR",
+                    help="a run folder (its newest valid checkpoint; a GPT parameter-server run too) or a "
+                         "step_* checkpoint folder")
+    qz.add_argument("out", metavar="OUT", help="the folder to write (must not exist)")
+    qz.add_argument("--weights", required=True, metavar="FORMAT",
+                    help="int8 (per output channel), int4 (in groups of --group-size inputs) or bf16")
+    qz.add_argument("--group-size", type=int, default=32,
+                    help="int4 only: inputs sharing one scale and offset; must divide every layer's inputs "
+                         "(default 32)")
+    qz.set_defaults(func=cmd_quantize)
+
+    from plait.elastic.command import add_arguments as multiplex_arguments  # argparse only: no torch
+
+    mx = sub.add_parser("multiplex", help="time-slice training jobs on one set of processes (step-boundary quanta)")
+    multiplex_arguments(mx)
+    mx.set_defaults(func=cmd_multiplex)
 
     # -v after the subcommand too (`plait train CFG -v`); SUPPRESS keeps a -v given before the
     # subcommand from being reset by the subcommand's default.

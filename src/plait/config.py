@@ -7,6 +7,8 @@ and sizes that do not divide all raise :class:`plait.errors.ConfigError` naming 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -53,12 +55,22 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     min_lr: float = 1e-4
+    # The peak lr follows the global batch (micro_batch_size × grad_accum × dp): "linear" scales
+    # lr and min_lr by global / reference_batch (Goyal et al. 2017, with warm-up), "sqrt" by its
+    # square root (Adam-family optimizers); "none" uses them as written.
+    lr_scaling: str = "none"
+    reference_batch: int = 0  # the global batch train.lr was chosen at (linear/sqrt need it)
     warmup_steps: int = 20
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
     freeze_blocks: int = 0  # freeze the first k transformer blocks (see plait.parallel.memory.freeze)
+    # Compute the frozen prefix (embeddings + first k blocks) once per sample and read it back
+    # afterwards (plait.parallel.memory.activation_cache); freezes the tied embedding/head too.
+    freeze_cache: bool = False
+    freeze_cache_mb: float = 1024.0  # that cache's in-memory limit; past it, entries spill to disk
+    freeze_cache_dir: str = ""  # where they spill ("" = the system's temporary folder)
     eval_interval: int = 50
     eval_batches: int = 8
     log_interval: int = 10
@@ -75,6 +87,14 @@ class CheckpointConfig:
     interval: int = 0
     keep: int = 2
     resume: str = "auto"
+    # "gathered": one layout-independent copy written by rank 0; "sharded": every rank writes its
+    # own pieces with torch.distributed.checkpoint (no gather), loadable under any layout.
+    format: str = "gathered"
+    async_save: bool = True  # sharded: write in a background thread from a CPU copy
+    snapshot: bool = False  # copy the state to node-local shared memory every step (lose ≤ 1 step)
+    snapshot_dir: str = ""  # "" = /dev/shm/plait-snapshot-<hash of train.out_dir>
+    preemption: bool = True  # SIGTERM/SIGUSR1: finish the step, checkpoint, exit with code 75
+    preempt_deadline_s: float = 25.0  # exit even without the checkpoint this long after the signal
 
 
 @dataclass
@@ -144,6 +164,9 @@ class FLConfig:
     local_steps: int = 0  # > 0: this many local mini-batches instead of local_epochs
     batch_size: int = 10  # 0 = the whole local partition in one batch
     lr: float = 0.05  # the clients' SGD learning rate
+    # Client lr at server round r is lr · lr_decay^(r−1): FedAvg on non-IID data converges only
+    # with a decaying rate (Li et al. 2020, "On the Convergence of FedAvg on Non-IID Data").
+    lr_decay: float = 1.0
     momentum: float = 0.0
     strategy: str = "fedavg"  # fedavg fedprox fedadam fedyogi fedmedian fedtrimmedavg krum multikrum bulyan fedbuff
     proximal_mu: float = 0.01  # fedprox
@@ -159,6 +182,7 @@ class FLConfig:
     labels_per_client: int = 2
     compression: str = "none"  # client updates: none, topk, powersgd (error feedback kept per client)
     topk_ratio: float = 0.01
+    topk_values: str = "float16"  # float16 (4 bytes an entry with uint16 indices) or float32
     powersgd_rank: int = 1
     secure_aggregation: bool = False  # Flower's SecAgg+ (fedavg only)
     secagg_shares: float = 1.0  # SecAgg+ share of the sampled clients each one shares keys with
@@ -215,6 +239,79 @@ class ProfileConfig:
 
 
 @dataclass
+class TuneConfig:
+    """Hyperparameter search on Ray Tune (plait.tune, `plait tune CONFIG`).
+
+    `search` maps config fields to distributions, e.g. {"train.lr" = "loguniform(1e-4, 1e-2)",
+    "model.n_layer" = "choice(2, 4)"} (plait.tune.space lists the spellings); every trial is a
+    plait training run of this config with one sample of them, reporting its held-out loss.
+    """
+
+    search: dict[str, str] = field(default_factory=dict)
+    trials: int = 8  # samples drawn from the space (with grid(...) values: per grid point)
+    scheduler: str = "asha"  # asha (stop unpromising trials early) or fifo (every trial to the end)
+    searcher: str = "random"  # random (with grid points) or tpe (Optuna's TPE; needs optuna)
+    grace_period: int = 1  # asha: evaluations every trial gets before it may be stopped
+    reduction_factor: int = 3  # asha: about 1 in reduction_factor trials goes on at each rung
+    max_concurrent: int = 0  # trials at once (0 = as many as the CPUs allow)
+    nproc: int = 0  # processes per trial (0 = the layout's: dp × pp × tp, or ps.servers + 1)
+    seed: int = 0  # the searcher's seed: the same seed draws the same trials
+    out_dir: str = ""  # results table, best config, loss curves ("" = train.out_dir + "/tune")
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation (plait.train.distill, `plait distill CONFIG --teacher RUN_DIR`).
+
+    The model being trained (the student) learns from a trained teacher's outputs softened at
+    `temperature` T, blended with the usual cross-entropy: loss = alpha · T² · KL(teacher_T ‖
+    student_T) + (1 − alpha) · CE. The teacher runs in inference mode beside each micro-batch; its
+    logits are never stored. teacher "" turns distillation off.
+    """
+
+    teacher: str = ""  # a run folder (its newest valid checkpoint) or a step_* folder
+    temperature: float = 2.0
+    alpha: float = 0.5
+
+
+@dataclass
+class ElasticConfig:
+    """Elastic training (plait.elastic): membership changes, hangs, adaptive batch size.
+
+    min_nodes/max_nodes > 0 run the job elastic (`plait train --elastic MIN:MAX`, or torchrun
+    --nnodes MIN:MAX): when a node leaves or joins, every worker restarts at the new world size
+    from the newest checkpoint. batch "keep" holds the global batch (`global_batch` sequences per
+    step; 0 = micro_batch_size × grad_accum × the largest dp) by changing gradient accumulation;
+    "rescale" keeps grad_accum, so the global batch follows dp (train.lr_scaling scales the lr).
+    """
+
+    min_nodes: int = 0  # 0 = not elastic
+    max_nodes: int = 0
+    nproc_per_node: int = 1  # processes per elastic node (agent)
+    max_restarts: int = 3  # worker-group restarts each node allows (membership changes are free)
+    batch: str = "keep"  # keep (grad_accum follows dp) or rescale (global batch follows dp)
+    global_batch: int = 0  # keep: sequences per optimizer step (0 = micro × grad_accum × largest dp)
+    rdzv_last_call_s: int = 1  # after min_nodes joined, wait this long for more
+    rdzv_join_timeout_s: int = 60  # a rendezvous that gathers fewer than min_nodes fails after this
+    keep_alive_s: int = 1  # a node silent for 2 × this has left
+    # Hangs: collectives fail after timeout_s (not Gloo's 30 minutes); the watchdog names the
+    # rank that stopped answering, from heartbeats every heartbeat_s.
+    timeout_s: float = 300.0
+    watchdog: bool = True
+    heartbeat_s: float = 1.0
+    log_samples: bool = False  # write each step's sample ids to out_dir/samples.jsonl
+    # Gradient noise scale (McCandlish et al. 2018, app. A) from per-rank vs averaged gradients
+    # (needs dp ≥ 2), and adaptive batch size: accumulation grows while the noise scale says a
+    # bigger batch pays, up to max_global_batch, the lr scaled by lr_rule (adascale or sqrt).
+    noise_scale: bool = False
+    noise_ema: float = 0.95  # smoothing of the two norm estimates
+    adaptive_batch: bool = False
+    max_global_batch: int = 0  # adaptive: largest global batch (0 = 8 × the starting one)
+    adapt_interval: int = 10  # adaptive: steps between decisions
+    lr_rule: str = "adascale"  # adascale (gain ratio) or sqrt
+
+
+@dataclass
 class Config:
     """The whole run."""
 
@@ -225,6 +322,9 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     fl: FLConfig = field(default_factory=FLConfig)  # [fl]: federated learning (plait fl)
     profile: ProfileConfig = field(default_factory=ProfileConfig)  # [profile]: traces, stragglers
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)  # [elastic]: membership, hangs, batch
+    distill: DistillConfig = field(default_factory=DistillConfig)  # [distill]: plait distill
+    tune: TuneConfig = field(default_factory=TuneConfig)  # [tune]: hyperparameter search (plait tune)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -256,6 +356,43 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = Config.from_dict(raw)
     validate(cfg)
     return cfg
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _toml_key(key: str) -> str:
+    """A bare key where TOML allows one, else a quoted one (tune.search's "train.lr")."""
+    bare = key.isascii() and key.replace("_", "a").replace("-", "a").isalnum()
+    return key if bare else json.dumps(key, ensure_ascii=False)
+
+
+def config_toml(cfg_dict: dict[str, Any]) -> str:
+    """A config tree (Config.to_dict()) as TOML that `plait train` reads back unchanged."""
+    lines: list[str] = []
+
+    def table(name: str, values: dict[str, Any]) -> None:
+        lines.append(f"[{name}]")
+        lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict))
+        lines.append("")
+        for k, v in values.items():
+            if isinstance(v, dict):
+                table(f"{name}.{k}", v)
+
+    for section, values in cfg_dict.items():
+        table(section, values)
+    return "\n".join(lines)
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -341,8 +478,10 @@ def _coerce(value: Any, kind: type, name: str) -> Any:
 # --- validation -----------------------------------------------------------------------------
 
 DEVICES = ("auto", "cpu", "cuda")
+LR_SCALINGS = ("none", "linear", "sqrt")
 DTYPES = ("auto", "float32", "bfloat16")
 REDUCERS = ("bucketed", "naive")
+CHECKPOINT_FORMATS = ("gathered", "sharded")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -372,12 +511,21 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for name in ("beta1", "beta2"):
         _check(0 <= getattr(t, name) < 1, f"train.{name}={getattr(t, name)} must be in [0, 1)")
     _check(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be ≥ 0 (0 = no clipping)")
+    _check(t.lr_scaling in LR_SCALINGS,
+           f"train.lr_scaling={t.lr_scaling!r} is invalid; valid: {', '.join(LR_SCALINGS)}")
+    _check(t.reference_batch >= 0, f"train.reference_batch={t.reference_batch} must be ≥ 0")
+    _check(t.lr_scaling == "none" or t.reference_batch >= 1,
+           f"train.lr_scaling={t.lr_scaling!r} needs train.reference_batch ≥ 1: the global batch "
+           "(micro_batch_size × grad_accum × dp) that train.lr was chosen at")
     _check(t.device in DEVICES, f"train.device={t.device!r} is invalid; valid: {', '.join(DEVICES)}")
     _check(t.dtype in DTYPES, f"train.dtype={t.dtype!r} is invalid; valid: {', '.join(DTYPES)}")
     _check(bool(t.out_dir), "train.out_dir must not be empty")
     _check(c.interval >= 0, f"checkpoint.interval={c.interval} must be ≥ 0 (0 = only at the end)")
     _check(c.keep >= 1, f"checkpoint.keep={c.keep} must be ≥ 1")
     _check(bool(c.resume), 'checkpoint.resume must be "auto", "none" or a checkpoint path')
+    _check(c.format in CHECKPOINT_FORMATS, f"checkpoint.format={c.format!r} is invalid; valid: "
+           f"{', '.join(CHECKPOINT_FORMATS)}")
+    _check(c.preempt_deadline_s > 0, f"checkpoint.preempt_deadline_s={c.preempt_deadline_s} must be > 0")
     _check(p.dp >= 0, f"parallel.dp={p.dp} must be ≥ 0 (0 = automatic)")
     for name in ("pp", "tp"):
         value = getattr(p, name)
@@ -400,6 +548,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     validate_ps(cfg, world_size)
     validate_fl(cfg)
     validate_profile(cfg, world_size)
+    validate_freeze_cache(cfg)
+    validate_distill(cfg)
+    validate_elastic(cfg)
+    validate_tune(cfg)
     dp = None
     if world_size is not None:
         _check(world_size >= 1, f"--nproc {world_size} must be ≥ 1")
@@ -571,14 +723,18 @@ def validate_ps(cfg: Config, world_size: int | None = None) -> None:
     _check(0 <= ps.momentum < 1, f"parallel.ps.momentum={ps.momentum} must be in [0, 1)")
     _check(ps.worker_timeout_s > 0, f"parallel.ps.worker_timeout_s={ps.worker_timeout_s} must be > 0")
     if ps.servers == 0:
-        _check(m.arch == "gpt" or cfg.fl.clients > 0,
-               f"model.arch={m.arch!r} is trained only by the parameter server or a federated run "
-               "in this version; set parallel.ps.servers ≥ 1 or fl.clients ≥ 2 (plait fl)")
+        # The all-reduce trainer runs the mlp data-parallel (dp, ZeRO); it has no tp plan or
+        # pipeline layer list.
+        for name, value in (("pp", cfg.parallel.pp), ("tp", cfg.parallel.tp)):
+            _check(m.arch == "gpt" or cfg.fl.clients > 0 or value == 1,
+                   f"model.arch={m.arch!r} is trained data-parallel only (dp, ZeRO), by the parameter "
+                   f"server or by a federated run; parallel.{name}={value} must be 1")
         return
     # The parameter server replaces the all-reduce path: its mesh options do not apply.
     for where, name, neutral in (("parallel", "dp", 0), ("parallel", "pp", 1), ("parallel", "tp", 1),
                                  ("parallel", "zero", 0), ("parallel", "compression", "none"),
-                                 ("parallel", "node_size", 0), ("train", "freeze_blocks", 0)):
+                                 ("parallel", "node_size", 0), ("train", "freeze_blocks", 0),
+                                 ("train", "lr_scaling", "none")):
         value = getattr(getattr(cfg, where), name)
         _check(value == neutral, f"{where}.{name}={value!r} cannot be combined with "
                                  f"parallel.ps.servers={ps.servers}; leave it at {neutral!r}")
@@ -592,6 +748,7 @@ FL_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtri
                  "multikrum", "bulyan", "fedbuff")
 FL_PARTITIONS = ("iid", "dirichlet", "labels")
 FL_COMPRESSIONS = ("none", "topk", "powersgd")
+FL_TOPK_VALUES = ("float16", "float32")
 FL_DP = ("none", "central", "local")
 FL_ATTACKS = ("none", "sign_flip", "scale", "nan", "inf", "label_flip")
 
@@ -622,6 +779,7 @@ def validate_fl(cfg: Config) -> None:
     for name in ("lr", "server_lr", "tau", "dirichlet_alpha", "dp_clip", "dp_epsilon", "attack_scale"):
         _check(getattr(f, name) > 0, f"fl.{name}={getattr(f, name)} must be > 0")
     _check(f.proximal_mu >= 0, f"fl.proximal_mu={f.proximal_mu} must be ≥ 0")
+    _check(0.0 < f.lr_decay <= 1.0, f"fl.lr_decay={f.lr_decay} must be in (0, 1] (1 = constant lr)")
     _check(f.dp_noise_multiplier >= 0, f"fl.dp_noise_multiplier={f.dp_noise_multiplier} must be ≥ 0")
     share("momentum")
     share("malicious_share")
@@ -635,7 +793,8 @@ def validate_fl(cfg: Config) -> None:
     _check(0.0 < f.secagg_threshold <= 1.0, f"fl.secagg_threshold={f.secagg_threshold} must be in (0, 1]")
     _check(f.slowdown >= 1.0, f"fl.slowdown={f.slowdown} must be ≥ 1")
     for name, valid in (("strategy", FL_STRATEGIES), ("partition", FL_PARTITIONS),
-                        ("compression", FL_COMPRESSIONS), ("dp", FL_DP), ("attack", FL_ATTACKS)):
+                        ("compression", FL_COMPRESSIONS), ("dp", FL_DP), ("attack", FL_ATTACKS),
+                        ("topk_values", FL_TOPK_VALUES)):
         one_of(name, valid)
     _check((f.attack == "none") == (f.malicious_share == 0.0),
            f"fl.attack={f.attack!r} with fl.malicious_share={f.malicious_share}: set both (an attack "
@@ -715,3 +874,83 @@ def validate_profile(cfg: Config, world_size: int | None = None) -> None:
            f"profile.balance = \"speed\" splits each step's samples unevenly over dp ranks; "
            f"parallel.microbatches={p.microbatches} must be 0 (the pipeline then runs "
            "train.grad_accum micro-batches)")
+
+
+TUNE_SCHEDULERS = ("asha", "fifo")
+TUNE_SEARCHERS = ("random", "tpe")
+
+
+def validate_tune(cfg: Config) -> None:
+    """The [tune] table's ranges; the search space itself is checked by plait.tune.space."""
+    u = cfg.tune
+    _check(u.trials >= 1, f"tune.trials={u.trials} must be ≥ 1")
+    _check(u.scheduler in TUNE_SCHEDULERS,
+           f"tune.scheduler={u.scheduler!r} is invalid; valid: {', '.join(TUNE_SCHEDULERS)}")
+    _check(u.searcher in TUNE_SEARCHERS,
+           f"tune.searcher={u.searcher!r} is invalid; valid: {', '.join(TUNE_SEARCHERS)}")
+    _check(u.grace_period >= 1, f"tune.grace_period={u.grace_period} must be ≥ 1 (evaluations)")
+    _check(u.reduction_factor >= 2, f"tune.reduction_factor={u.reduction_factor} must be ≥ 2")
+    for name in ("max_concurrent", "nproc"):
+        _check(getattr(u, name) >= 0, f"tune.{name}={getattr(u, name)} must be ≥ 0 (0 = automatic)")
+
+
+ELASTIC_BATCH = ("keep", "rescale")
+LR_RULES = ("adascale", "sqrt")
+
+
+def validate_elastic(cfg: Config) -> None:
+    """The [elastic] table's ranges (the global batch against each dp is checked at launch)."""
+    e = cfg.elastic
+    _check(e.min_nodes >= 0 and e.max_nodes >= e.min_nodes,
+           f"elastic.min_nodes={e.min_nodes}, elastic.max_nodes={e.max_nodes}: need 0 ≤ min ≤ max")
+    _check((e.min_nodes == 0) == (e.max_nodes == 0),
+           f"elastic.min_nodes={e.min_nodes} and elastic.max_nodes={e.max_nodes}: set both ≥ 1 or both 0")
+    for name in ("nproc_per_node", "adapt_interval"):
+        _check(getattr(e, name) >= 1, f"elastic.{name}={getattr(e, name)} must be ≥ 1")
+    for name in ("max_restarts", "global_batch", "max_global_batch"):
+        _check(getattr(e, name) >= 0, f"elastic.{name}={getattr(e, name)} must be ≥ 0")
+    for name in ("rdzv_last_call_s", "rdzv_join_timeout_s", "keep_alive_s", "timeout_s", "heartbeat_s"):
+        _check(getattr(e, name) > 0, f"elastic.{name}={getattr(e, name)} must be > 0 (seconds)")
+    _check(e.heartbeat_s < e.timeout_s,
+           f"elastic.heartbeat_s={e.heartbeat_s} must be below elastic.timeout_s={e.timeout_s}")
+    _check(e.batch in ELASTIC_BATCH, f"elastic.batch={e.batch!r} is invalid; valid: {', '.join(ELASTIC_BATCH)}")
+    _check(e.lr_rule in LR_RULES, f"elastic.lr_rule={e.lr_rule!r} is invalid; valid: {', '.join(LR_RULES)}")
+    _check(0.0 <= e.noise_ema < 1.0, f"elastic.noise_ema={e.noise_ema} must be in [0, 1)")
+    _check(not e.adaptive_batch or e.noise_scale,
+           "elastic.adaptive_batch = true needs elastic.noise_scale = true (it decides from the noise scale)")
+    _check(not e.global_batch or e.global_batch % cfg.train.micro_batch_size == 0,
+           f"elastic.global_batch={e.global_batch} must be a multiple of "
+           f"train.micro_batch_size={cfg.train.micro_batch_size}")
+
+
+def validate_freeze_cache(cfg: Config) -> None:
+    """train.freeze_cache: the cached prefix must be a fixed function of each sample's tokens."""
+    t, m, p = cfg.train, cfg.model, cfg.parallel
+    _check(t.freeze_cache_mb >= 0, f"train.freeze_cache_mb={t.freeze_cache_mb} must be ≥ 0 "
+                                   "(0 = every entry on disk)")
+    if not t.freeze_cache:
+        return
+    _check(t.freeze_blocks >= 1, "train.freeze_cache = true caches the outputs of the frozen "
+                                 "blocks; set train.freeze_blocks ≥ 1 or freeze_cache = false")
+    _check(m.dropout == 0.0, f"train.freeze_cache = true needs model.dropout = 0 (got {m.dropout}): "
+                             "with dropout the frozen blocks' outputs differ on every pass")
+    _check(p.tp == 1, f"train.freeze_cache = true is not combined with parallel.tp={p.tp} in this "
+                      "version; use tp = 1 or freeze_cache = false")
+
+
+def validate_distill(cfg: Config) -> None:
+    """The [distill] table; the teacher checkpoint itself is checked by plait.train.distill."""
+    d, p = cfg.distill, cfg.parallel
+    _check(math.isfinite(d.temperature) and d.temperature > 0,
+           f"distill.temperature={d.temperature} must be a finite number > 0 (e.g. 2.0)")
+    _check(0.0 <= d.alpha <= 1.0, f"distill.alpha={d.alpha} must be in [0, 1] (the weight of the "
+                                  "teacher's term; 1 - alpha weighs the cross-entropy)")
+    if not d.teacher:
+        return
+    _check(cfg.model.arch == "gpt", f"distill.teacher is set but model.arch={cfg.model.arch!r}: "
+                                    "distillation trains GPT students only")
+    for name, value, neutral in (("pp", p.pp, 1), ("tp", p.tp, 1), ("ps.servers", p.ps.servers, 0)):
+        _check(value == neutral, f"distill.teacher cannot be combined with parallel.{name}={value} in "
+                                 f"this version (distillation runs under data parallelism and ZeRO); "
+                                 f"leave it at {neutral}")
+    _check(cfg.fl.clients == 0, f"distill.teacher cannot be combined with fl.clients={cfg.fl.clients}")

@@ -47,3 +47,12 @@ class RequestError(PlaitError, ValueError):
 
 class ServerBusyError(PlaitError, RuntimeError):
     """The serving queue is full: the request was refused, and may be retried later."""
+
+
+class HangError(PlaitError, RuntimeError):
+    """A collective failed while peers had stopped answering; the message names those ranks."""
+
+
+class ExportError(PlaitError, RuntimeError):
+    """An export to another runtime cannot be done (a missing extra, an unknown format) or does
+    not reproduce the model it was made from."""

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
+LOCAL_PROCS_ENV = "PLAIT_LOCAL_PROCS"  # processes of one job sharing this machine's cores
 # Loggers of torch's launcher that print a failed process's whole traceback on the terminal.
 _TORCH_LAUNCH_LOGGERS = ("torch.distributed.elastic", "torch.multiprocessing")
 
@@ -168,5 +169,131 @@ def configure_threads() -> None:
     """Share the CPU cores between the local processes instead of oversubscribing them."""
     import torch
 
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    # A local elastic job runs several one-process "nodes" here: it names how many may share the
+    # machine, so every round of it uses the same thread count (and so the same float sums).
+    local = int(os.environ.get(LOCAL_PROCS_ENV) or os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+class ElasticJob:
+    """A local elastic job: one process per "node", each running plait's elastic agent
+    (:mod:`plait.elastic.agent`) around a rendezvous store that this process hosts.
+
+    Nodes leave when their worker is killed and join with :meth:`add_node`; the job goes on at
+    every size in [min_nodes, max_nodes]. Each node's output goes to WORK_DIR/node<i>.log.
+    """
+
+    def __init__(self, cfg_dict: dict[str, Any], nodes: int, min_nodes: int, max_nodes: int,
+                 work_dir: str | Path, nproc_per_node: int = 1, run_id: str | None = None):
+        import json
+
+        import torch.distributed as dist
+
+        self.work_dir = Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        cfg_dict = {**cfg_dict, "elastic": {**cfg_dict.get("elastic", {}), "min_nodes": min_nodes,
+                                            "max_nodes": max_nodes, "nproc_per_node": nproc_per_node}}
+        self.cfg_dict = cfg_dict
+        self.config_path = self.work_dir / "config.json"
+        self.config_path.write_text(json.dumps(cfg_dict))
+        self.min_nodes, self.max_nodes, self.nproc_per_node = min_nodes, max_nodes, nproc_per_node
+        self.run_id = run_id or f"plait-{uuid.uuid4().hex[:8]}"
+        # Hosted here, it outlives every node: any of them may leave.
+        self.store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        self.endpoint = f"127.0.0.1:{self.store.port}"
+        self.nodes: list[Any] = []
+        for _ in range(nodes):
+            self.add_node()
+
+    def add_node(self, standby: bool = False):
+        """Start one more node; it joins at the next rendezvous round (the others restart).
+
+        `standby`: the node starts up (Python, torch) but joins only at :meth:`activate`.
+        """
+        import subprocess
+        import sys
+
+        i = len(self.nodes)
+        e = self.cfg_dict["elastic"]
+        cmd = [sys.executable, "-m", "plait.elastic.agent", str(self.config_path),
+               "--nnodes", f"{self.min_nodes}:{self.max_nodes}", "--nproc-per-node", str(self.nproc_per_node),
+               "--rdzv-endpoint", self.endpoint, "--rdzv-id", self.run_id, "--store-hosted-elsewhere",
+               "--result", str(self.work_dir / f"node{i}.json")]
+        if standby:
+            cmd += ["--standby", str(self._standby_file(i))]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+               LOCAL_PROCS_ENV: str(self.max_nodes * self.nproc_per_node)}
+        with open(self.work_dir / f"node{i}.log", "wb") as out:
+            # Its own session: close() can end the node and its workers together.
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)
+        log.info("elastic node %d started (pid %d, %s nodes allowed)", i, proc.pid,
+                 f"{e['min_nodes']}:{e['max_nodes']}")
+        self.nodes.append(proc)
+        return proc
+
+    def _standby_file(self, i: int) -> Path:
+        return self.work_dir / f"node{i}.join"
+
+    def standby_ready(self, i: int) -> bool:
+        """Whether standby node `i` has started up and waits for :meth:`activate`."""
+        return self._standby_file(i).with_name(f"node{i}.join.ready").exists()
+
+    def activate(self, i: int) -> None:
+        """Let standby node `i` join the job."""
+        self._standby_file(i).touch()
+
+    def outcomes(self) -> list[dict[str, Any] | None]:
+        """Each node's outcome file (None while it runs or when it died without one)."""
+        import json
+
+        found = []
+        for i in range(len(self.nodes)):
+            path = self.work_dir / f"node{i}.json"
+            found.append(json.loads(path.read_text()) if path.is_file() else None)
+        return found
+
+    def wait(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """Wait for every node to end; returns rank 0's summary, or raises LaunchError."""
+        import time
+
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while any(p.poll() is None for p in self.nodes):
+            if deadline is not None and time.monotonic() > deadline:
+                self.close()
+                raise LaunchError(f"the elastic job did not finish within {timeout_s:g} s "
+                                  f"(node logs in {self.work_dir})")
+            time.sleep(0.1)
+        outcomes = self.outcomes()
+        for out in outcomes:
+            if out and out["ok"]:
+                results = {int(k): v for k, v in out["results"].items()}
+                for v in results.values():
+                    if isinstance(v, dict) and v.get("checkpoint"):
+                        return v
+        for out in outcomes:
+            if out and out["ok"]:
+                return next(iter(out["results"].values()))
+        failures = [RankFailure(int(rank), _from_torch_message(str(f["message"])), "", f["exitcode"])
+                    for out in outcomes if out for rank, f in out["failures"].items()]
+        if not failures:
+            failures = [RankFailure(i, f"node exited with code {p.returncode}", "", p.returncode)
+                        for i, p in enumerate(self.nodes)]
+        raise failure_error(failures)
+
+    def close(self) -> None:
+        """End every node that still runs, with its workers."""
+        import signal
+
+        for p in self.nodes:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+        self.store = None
+
+    def __enter__(self) -> ElasticJob:  # noqa: PYI034 - a plain class, never subclassed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

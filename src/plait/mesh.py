@@ -225,7 +225,7 @@ class ParallelMesh:
         if not dist.is_initialized():
             dist.init_process_group(
                 backend=backend or ("nccl" if device.type == "cuda" else "gloo"),
-                timeout=datetime.timedelta(seconds=timeout_s),
+                timeout=datetime.timedelta(seconds=timeout_s), **_round_store(timeout_s),
             )
         return cls.build(dp=dp, pp=pp, tp=tp, device=device)
 
@@ -236,6 +236,19 @@ class ParallelMesh:
     def __repr__(self) -> str:
         s = self.shape
         return f"ParallelMesh(dp={s.dp}, pp={s.pp}, tp={s.tp}, rank={self.rank}, coords={self.coords})"
+
+
+def _round_store(timeout_s: float) -> dict[str, Any]:
+    """Under plait's elastic agent, the process group's store keys live in this rendezvous
+    round's namespace (PLAIT_STORE_NAMESPACE), so a restarted group never reads the addresses
+    an earlier round left in the store; elsewhere torch's env:// rendezvous as usual."""
+    namespace = os.environ.get("PLAIT_STORE_NAMESPACE")
+    if not namespace:
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(seconds=timeout_s))
+    return {"store": dist.PrefixStore(namespace, store), "rank": int(os.environ["RANK"]),
+            "world_size": int(os.environ["WORLD_SIZE"])}
 
 
 def default_device() -> torch.device:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -37,3 +38,24 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     span = max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def lr_scale(cfg: TrainConfig, global_batch: int) -> float:
+    """The factor `train.lr_scaling` puts on lr and min_lr at `global_batch` samples per step.
+
+    "linear": global / reference_batch, Goyal et al. 2017's rule for SGD (keep warm-up on: the
+    scaled lr is too large for the first steps); "sqrt": its square root, which keeps Adam-family
+    updates' noise scale; "none": 1.
+    """
+    if cfg.lr_scaling == "none":
+        return 1.0
+    ratio = global_batch / cfg.reference_batch
+    return ratio if cfg.lr_scaling == "linear" else math.sqrt(ratio)
+
+
+def scaled_schedule(cfg: TrainConfig, global_batch: int) -> TrainConfig:
+    """`cfg` with lr and min_lr scaled for `global_batch` (see :func:`lr_scale`), for :func:`lr_at`."""
+    scale = lr_scale(cfg, global_batch)
+    if scale == 1.0:
+        return cfg
+    return dataclasses.replace(cfg, lr=cfg.lr * scale, min_lr=cfg.min_lr * scale)

@@ -14,6 +14,11 @@ RENAME_EXCHANGE), so there is never a moment without a valid checkpoint of that 
 that fails verification is never overwritten or deleted: it is renamed `step_<n>.damaged` and
 kept for inspection. Loading verifies every checksum first: a truncated or altered file is
 refused with :class:`CheckpointError`, never half-loaded.
+
+A sharded checkpoint (:mod:`plait.train.sharded_checkpoint`) is the same kind of folder with a
+torch.distributed.checkpoint inside instead of the .pt files (each rank's `__<rank>_0.distcp`,
+DCP's `.metadata`, `state.pt`): one manifest, the same checks, publish and fallback.
+:func:`load_checkpoint` reads either format into the gathered form.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +44,8 @@ from plait.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 FORMAT = "plait-checkpoint/1"
+SHARDED_FORMAT = "plait-sharded-checkpoint/1"
+FORMATS = (FORMAT, SHARDED_FORMAT)
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -84,33 +92,55 @@ def save_checkpoint(root: str | Path, step: int, parts: dict[str, Any], keep: in
                 f.write(buf.getvalue())
                 f.flush()
                 os.fsync(f.fileno())
-            files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-        manifest = {"format": FORMAT, "step": step, "files": files}
-        with open(tmp / MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if final.exists():
-            try:
-                verify_checkpoint(final)
-            except CheckpointError as exc:
-                set_aside(final, str(exc))
-        if final.exists():
-            _replace_dir(tmp, final)  # tmp now holds the old checkpoint
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
+            files[path.name] = file_entry(path)
+        write_manifest(tmp, step, files)
+        publish(tmp, root, step)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    prune(root, step, keep)
+    return final
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    """A manifest entry: size and SHA-256 of one file."""
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def write_manifest(folder: Path, step: int, files: dict[str, dict[str, Any]], fmt: str = FORMAT) -> None:
+    """Write (and fsync) the manifest of a complete temporary checkpoint folder."""
+    with open(folder / MANIFEST, "w") as f:
+        json.dump({"format": fmt, "step": step, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def publish(tmp: Path, root: Path, step: int) -> Path:
+    """Rename the complete folder `tmp` to `<root>/step_<n>`: atomically, over a valid folder of
+    the same step (swapped), never over a damaged one (set aside first)."""
+    final = root / f"step_{step:08d}"
+    if final.exists():
+        try:
+            verify_checkpoint(final)
+        except CheckpointError as exc:
+            set_aside(final, str(exc))
+    if final.exists():
+        _replace_dir(tmp, final)  # tmp now holds the old checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
     log.info("saved checkpoint %s", final)
+    return final
+
+
+def prune(root: Path, step: int, keep: int | None) -> None:
+    """Delete checkpoints older than `step` beyond the newest `keep` (newer folders stay)."""
     if keep is not None:
         older = [p for p in list_checkpoints(root) if checkpoint_step(p) < step]
         for old in older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
@@ -197,10 +227,10 @@ def verify_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {str(path)!r} has no {MANIFEST}; it is incomplete") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r}: {MANIFEST} is corrupted ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in FORMATS:
         raise CheckpointError(
             f"checkpoint {str(path)!r} has format {manifest.get('format') if isinstance(manifest, dict) else None!r}; "
-            f"this version reads {FORMAT!r}"
+            f"this version reads {' and '.join(map(repr, FORMATS))}"
         )
     for name, meta in manifest.get("files", {}).items():
         f = path / name
@@ -218,9 +248,15 @@ def verify_checkpoint(path: str | Path) -> dict:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Verify, then load every part of the checkpoint: {"model": ..., "optim": ..., "state": ...}."""
+    """Verify, then load every part of the checkpoint: {"model": ..., "optim": ..., "state": ...}.
+
+    A sharded checkpoint is assembled here into the plain model's full state dict (no optimizer
+    state: the trainer loads that shard by shard), for serving, export and generation.
+    """
     path = Path(path)
     manifest = verify_checkpoint(path)
+    if manifest["format"] == SHARDED_FORMAT:
+        return _load_sharded_full(path, map_location)
     parts = {}
     for name in manifest["files"]:
         try:
@@ -229,6 +265,36 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         except Exception as exc:  # checksum passed, so this is a foreign or incompatible file
             raise CheckpointError(f"checkpoint {str(path)!r}: {name} cannot be loaded ({exc})") from None
     return parts
+
+
+def _load_sharded_full(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    """The full model state dict of a (verified) sharded checkpoint, read in this process alone."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        reader = dcp.FileSystemReader(str(path))
+        meta = reader.read_metadata().state_dict_metadata
+        full = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in meta.items()
+                if k.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+        with warnings.catch_warnings():  # read in one process, on purpose
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(full, storage_reader=reader, no_dist=True)
+    except Exception as exc:  # checksums passed, so this is a foreign or incompatible file
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded ({exc})") from None
+    keys = state.get("model_keys") or {k.removeprefix("model."): k.removeprefix("model.") for k in full}
+    model = {k: full[f"model.{canon}"].to(map_location) for k, canon in keys.items()}
+    return {"model": model, "state": state}
+
+
+def checkpoint_format(path: str | Path) -> str | None:
+    """The manifest's format of a checkpoint folder (unverified), or None without a readable one."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest.get("format") if isinstance(manifest, dict) else None
 
 
 def newest_valid_checkpoint(root: str | Path) -> tuple[Path | None, list[tuple[Path, CheckpointError]]]:

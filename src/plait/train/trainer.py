@@ -19,16 +19,20 @@ import torch.distributed as dist
 from plait.config import Config
 from plait.data.dataset import TokenDataset
 from plait.data.sampler import ElasticSampler
+from plait.elastic.noise_scale import BatchMonitor
+from plait.elastic.samples import SampleLog
 from plait.errors import CheckpointError
 from plait.mesh import ParallelMesh
-from plait.models import GPT
+from plait.models.build import build_model
+from plait.parallel.memory.activation_cache import ActivationCache, cache_frozen_prefix
 from plait.parallel.memory.freeze import freeze_blocks
 from plait.parallel import ParallelModel, parallelize
 from plait.profile.phases import DATA, OPTIMIZER
 from plait.profile.session import PerfSession, prepare_model
 from plait.train.checkpoint import load_checkpoint, newest_valid_checkpoint, save_checkpoint, set_aside
+from plait.train.durability import Durability
 from plait.train.metrics import MetricsWriter, device_peak_flops, mfu
-from plait.optim import lr_at
+from plait.optim import lr_at, scaled_schedule
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +54,8 @@ def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 
 
 class Trainer:
-    """Trains a GPT on `train_data` over `mesh`; resumes from checkpoints as configured."""
+    """Trains cfg.model (a GPT, or the digits MLP data-parallel) on `train_data` over `mesh`;
+    resumes from checkpoints as configured."""
 
     def __init__(self, cfg: Config, mesh: ParallelMesh, train_data: TokenDataset,
                  val_data: TokenDataset, callbacks: Callbacks | None = None):
@@ -64,19 +69,37 @@ class Trainer:
         t = cfg.train
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
-        model = GPT(cfg.model).to(self.device)
+        model = build_model(cfg.model, t.seed).to(self.device)
         if cfg.model.init_from:  # "hf:PATH": every rank starts from the same GPT-2 weights
             from plait.models.hf_gpt2 import load_hf_weights
             load_hf_weights(model, cfg.model.init_from.removeprefix("hf:"))
         # Counted on the whole model: parallelize may split it in place (tensor parallelism).
-        self.flops_per_token = model.flops_per_token(cfg.model.block_size)
+        self.flops_per_token = (model.flops_per_token(cfg.model.block_size)
+                                if hasattr(model, "flops_per_token") else None)
         self.num_params = model.num_params()  # likewise: pipeline stages hold only their layers
         freeze_blocks(model, t.freeze_blocks)  # before parallelize: frozen weights are not reduced
+        self.frozen_prefix = None
+        if t.freeze_cache:  # the frozen prefix runs once per sample; later passes read it back
+            self.frozen_prefix = cache_frozen_prefix(
+                model, t.freeze_blocks, ActivationCache(t.freeze_cache_mb, t.freeze_cache_dir or None))
+        if cfg.distill.teacher:  # the loss blends in a teacher's softened outputs
+            from plait.train.distill import attach_teacher
+            attach_teacher(model, cfg, self.device)
         # The [profile] testing slow-down, and pipeline stage speeds on uneven hardware.
         prepared = prepare_model(model, cfg, mesh)
         self.model: ParallelModel = parallelize(model, mesh, prepared.parallel)
         self.optimizer = self.model.build_optimizer(t)
+        # [checkpoint]: sharded saves, in-memory snapshots, preemption (collective set-up).
+        self.durability = Durability(cfg, mesh, self.model, self.optimizer)
+        # [elastic]: gradient noise scale and adaptive batch (None when off); before resuming.
+        self.batch_monitor = BatchMonitor.attach(self.model, mesh, cfg)
         self.autocast_dtype = resolve_dtype(cfg, self.device)
+        # train.lr_scaling: the schedule's peak lr follows the global batch; metrics log the lr used.
+        self.schedule = scaled_schedule(t, t.micro_batch_size * t.grad_accum * mesh.dp_size)
+        if self.schedule is not t and mesh.is_main:
+            log.info("train.lr_scaling=%s: global batch %d (reference %d), peak lr %.4g -> %.4g",
+                     t.lr_scaling, t.micro_batch_size * t.grad_accum * mesh.dp_size, t.reference_batch,
+                     t.lr, self.schedule.lr)
         self.sampler = ElasticSampler(len(train_data), mesh.dp_size, mesh.dp_rank,
                                       t.micro_batch_size, seed=t.seed)
         self.step = 0
@@ -90,6 +113,8 @@ class Trainer:
                                      resumed_step=self.step if resumed else None, fresh=not resumed)
         # Traces, live straggler statistics and the uneven dp split (plait.profile).
         self.perf = PerfSession(cfg, mesh, self.model, self.sampler, self.out_dir, self.step)
+        self.sample_log = (SampleLog(self.out_dir, mesh, self.step if resumed else None, fresh=not resumed)
+                           if cfg.elastic.log_samples else None)
         self.peak_flops = device_peak_flops(self.device)
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -99,8 +124,10 @@ class Trainer:
         if choice == "none":
             return
         path = self._pick_checkpoint() if choice == "auto" else Path(choice)
-        if path is not None:
-            self.load(path)
+        # [checkpoint] snapshot: the in-memory copy of a later step wins over the disk checkpoint.
+        snapshot = self.durability.newer_snapshot(path) if choice == "auto" else None
+        if snapshot is not None or path is not None:
+            self.load(snapshot or path)
 
     def _pick_checkpoint(self) -> Path | None:
         """The checkpoint "auto" resumes from, chosen by rank 0 and broadcast to every rank.
@@ -139,21 +166,26 @@ class Trainer:
 
     def load(self, path: str | Path) -> None:
         """Restore model, optimizer, sampler position, RNG and step from a checkpoint."""
-        parts = load_checkpoint(path, map_location=self.device)
-        missing = {"model", "optim", "state"} - set(parts)
-        if missing:
-            raise CheckpointError(f"checkpoint {str(path)!r} lacks {', '.join(sorted(missing))}")
-        try:
-            self.model.load_checkpoint_state(self.optimizer, parts)
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} does not fit this model/optimizer (check [model]): {exc}"
-            ) from None
+        if self.durability.handles(path):  # sharded checkpoint or snapshot: each rank its pieces
+            parts = self.durability.load(path)
+        else:
+            parts = load_checkpoint(path, map_location=self.device)
+            missing = {"model", "optim", "state"} - set(parts)
+            if missing:
+                raise CheckpointError(f"checkpoint {str(path)!r} lacks {', '.join(sorted(missing))}")
+            try:
+                self.model.load_checkpoint_state(self.optimizer, parts)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise CheckpointError(
+                    f"checkpoint {str(path)!r} does not fit this model/optimizer (check [model]): {exc}"
+                ) from None
         self._load_comm_state(parts.get("comm"), path)
         state = parts["state"]
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self._load_rng(state)
+        if self.batch_monitor is not None and "elastic" in state:
+            self.batch_monitor.load_state_dict(state["elastic"])
         self.resumed_from = Path(path)
         log.info("resumed from %s at step %d", path, self.step)
 
@@ -186,6 +218,14 @@ class Trainer:
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         return torch.get_rng_state(), cuda
 
+    def _rank_state(self) -> dict[str, Any]:
+        """This rank's trainer state for an in-memory snapshot (the model's is taken apart)."""
+        rng, cuda = self._rng_state()
+        state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": rng, "cuda_rng": cuda}
+        if self.batch_monitor is not None:
+            state["elastic"] = self.batch_monitor.state_dict()
+        return state
+
     def _load_comm_state(self, comm: list[Any] | None, path: str | Path) -> None:
         """Give each rank its own compression state back, when the checkpoint has one that fits."""
         if comm is None:
@@ -210,7 +250,8 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Write a checkpoint of the current step (main rank writes; all ranks take part)."""
-        per_rank = (*self._rng_state(), self.model.comm_state())
+        sharded = self.durability.sharded  # each rank writes its own pieces and compression state
+        per_rank = (*self._rng_state(), None if sharded else self.model.comm_state())
         if dist.is_initialized() and self.mesh.world_size > 1:
             # Gathered on the main rank only: compression state is as large as the gradients.
             gathered: list[Any] | None = [None] * self.mesh.world_size if self.mesh.is_main else None
@@ -218,18 +259,24 @@ class Trainer:
         else:
             gathered = [per_rank]
         path = None
-        parts = self.model.checkpoint_state(self.optimizer)  # collective
+        parts = None if sharded else self.model.checkpoint_state(self.optimizer)  # collective
+        state = None
         if self.mesh.is_main:
             state = {"step": self.step, "sampler": self.sampler.state_dict(),
                      "rng": [rng for rng, _, _ in gathered],
                      "config": self.cfg.to_dict(), "mesh": vars(self.mesh.shape)}
+            if self.batch_monitor is not None:
+                state["elastic"] = self.batch_monitor.state_dict()
             cuda_rng = [c for _, c, _ in gathered]
             if any(c is not None for c in cuda_rng):
                 state["cuda_rng"] = cuda_rng
             comm = [c for _, _, c in gathered]
             extra = {"comm": comm} if any(c is not None for c in comm) else {}
-            path = save_checkpoint(self.ckpt_dir, self.step, {**parts, "state": state, **extra},
-                                   keep=self.cfg.checkpoint.keep)
+            if not sharded:
+                path = save_checkpoint(self.ckpt_dir, self.step, {**parts, "state": state, **extra},
+                                       keep=self.cfg.checkpoint.keep)
+        if sharded:  # collective; asynchronous with checkpoint.async_save (published later)
+            path = self.durability.save(self.step, state)
         self.mesh.barrier()
         return path
 
@@ -248,27 +295,40 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step over grad_accum micro-batches; returns loss, lr and grad norm."""
         t = self.cfg.train
-        lr = lr_at(self.step, t)
+        lr = lr_at(self.step, self.schedule)
+        monitor = self.batch_monitor
+        if monitor is not None and monitor.adaptive:  # the adaptive batch's lr gain
+            lr *= monitor.lr_factor()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = []
         with self.perf.phase(DATA):
-            for _ in range(t.grad_accum):
-                x, y = self.train_data.batch(self.sampler.next_indices())
+            for _ in range(monitor.grad_accum if monitor is not None else t.grad_accum):
+                idx = self.sampler.next_indices()
+                if self.sample_log is not None:
+                    self.sample_log.draw(self.sampler.epoch, idx)
+                x, y = self.train_data.batch(idx)
                 batches.append((self._to_device(x), self._to_device(y)))
         with self.perf.measure():  # what speeds on uneven hardware are measured on
             loss = self.model.forward_backward(batches, self._autocast)
         with self.perf.phase(OPTIMIZER):
             norm = self.model.clip_grad_norm_(t.grad_clip)
+            self.durability.before_update()  # the last snapshot's copy is done (it overlaps the step)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        elastic = monitor.after_backward(float(norm)) if monitor is not None else {}
+        if monitor is not None:
+            monitor.next_grad_accum(self.step)
+        if self.sample_log is not None:
+            self.sample_log.end_step(self.step)
         if self.mesh.dp_size > 1:  # report the global mean loss, as one process would see it
             if self.perf.weight != 1.0:  # uneven batches: weighted by sample count
                 loss *= self.perf.weight
             dist.all_reduce(loss, group=self.mesh.dp_group)
             loss /= self.mesh.dp_size
-        return {"loss": loss.item(), "lr": lr, "grad_norm": float(norm), **self.model.step_metrics()}
+        return {"loss": loss.item(), "lr": lr, "grad_norm": float(norm), **self.model.step_metrics(),
+                **elastic}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -291,10 +351,16 @@ class Trainer:
             total /= self.mesh.dp_size
         return total.item()
 
-    def fit(self) -> dict[str, Any]:
-        """Train until `train.steps`; returns a summary (final losses, throughput)."""
+    def fit(self, until: int | None = None) -> dict[str, Any]:
+        """Train until `train.steps`; returns a summary (final losses, throughput).
+
+        With `until` below train.steps, stop after that step without the final checkpoint, so
+        a later call goes on where this one stopped (time-slicing, plait.elastic.multiplex).
+        """
         t, c = self.cfg.train, self.cfg.checkpoint
-        tokens_per_step = t.micro_batch_size * t.grad_accum * self.mesh.dp_size * self.cfg.model.block_size
+        stop = t.steps if until is None else min(until, t.steps)
+        per_sample = self.cfg.model.block_size if self.cfg.model.arch == "gpt" else 1  # the mlp: images
+        tokens_per_step = t.micro_batch_size * t.grad_accum * self.mesh.dp_size * per_sample
         main = self.mesh.is_main
         if main and self.callbacks.on_start:
             self.callbacks.on_start({"start_step": self.step, "steps": t.steps,
@@ -309,17 +375,19 @@ class Trainer:
             self.metrics.write(first)
             if main and self.callbacks.on_eval:
                 self.callbacks.on_eval(first)
+        self.durability.begin()
         t0 = time.perf_counter()
         start_step = self.step
         with self.perf.running():
-            while self.step < t.steps:
+            while self.step < stop:
                 with self.perf.step(self.step + 1):  # writing a trace stays out of dt
                     ts = time.perf_counter()
                     out = self.train_step()
                     dt = time.perf_counter() - ts
                 record = {"step": self.step, **out, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
                           **self.perf.after_step(self.step)}
-                m = mfu(self.flops_per_token, record["tokens_per_s"], self.peak_flops, self.mesh.world_size)
+                m = (mfu(self.flops_per_token, record["tokens_per_s"], self.peak_flops, self.mesh.world_size)
+                     if self.flops_per_token else None)
                 if m is not None:
                     record["mfu"] = m
                 if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
@@ -335,11 +403,17 @@ class Trainer:
                     self.callbacks.on_step(record)
                 if c.interval and self.step % c.interval == 0 and self.step < t.steps:
                     self.save()
+                if self.durability.after_step(self.step, self._rank_state):
+                    break  # preempted: every rank checkpoints this step below, then stops
         elapsed = time.perf_counter() - t0
+        if self.step < t.steps and not self.durability.preempted:  # paused (until): no final checkpoint, the writers stay open
+            return {"step": self.step, "history": history, "final_val_loss": last_val, "paused": True,
+                    "elapsed_s": elapsed}
         final = self.save() if self.step > start_step or self.resumed_from is None else None
+        self.durability.finish(completed=not self.durability.preempted)
         self.metrics.close()
         summary = {"step": self.step, "history": history, "final_val_loss": last_val,
-                   "checkpoint": str(final) if final else None,
+                   "checkpoint": str(final) if final else None, "preempted": self.durability.preempted,
                    "tokens_per_s": tokens_per_step * (self.step - start_step) / elapsed if elapsed else 0.0}
         if main and self.callbacks.on_end:
             self.callbacks.on_end(summary)

@@ -1,0 +1,63 @@
+"""The command line: `plait train --elastic` refuses what cannot run before starting anything, and
+`plait multiplex` runs two jobs on one process end to end."""
+
+from __future__ import annotations
+
+import pytest
+
+from plait.cli import main
+from plait.train.metrics import read_metrics
+from tests.helpers import tiny_text
+
+
+def _toml(tmp_path, name: str, out: str, steps: int = 3, extra: str = "") -> str:
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        corpus.write_text(tiny_text())
+    path = tmp_path / name
+    path.write_text(f"""
+[model]
+n_layer = 1
+n_head = 2
+n_embd = 16
+block_size = 16
+[data]
+path = "{corpus}"
+val_fraction = 0.1
+[train]
+steps = {steps}
+micro_batch_size = 2
+eval_interval = 0
+log_interval = 1
+device = "cpu"
+out_dir = "{tmp_path / out}"
+[checkpoint]
+resume = "none"
+{extra}""")
+    return str(path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nproc", "5", "--elastic", "2:4"], "--nproc 5 must be within --elastic 2:4"),
+    (["--nproc", "2", "--elastic", "two"], "--elastic 'two' must be MIN:MAX"),
+    (["--nproc", "3", "--elastic", "2:4", "--set", "elastic.global_batch=12"],
+     "elastic.global_batch: the global batch 12 is not a multiple of dp × train.micro_batch_size = 4 × 2"),
+    (["--nproc", "2", "--elastic", "3:2"], "elastic.min_nodes=3, elastic.max_nodes=2"),
+    (["--nproc", "2", "--elastic", "2:3", "--set", "elastic.batch=\"grow\""], "elastic.batch='grow' is invalid"),
+    (["--nproc", "2", "--set", "elastic.timeout_s=0"], "elastic.timeout_s=0.0 must be > 0"),
+])
+def test_train_elastic_refuses_bad_input_before_launch(tmp_path, capsys, argv, message):
+    cfg = _toml(tmp_path, "a.toml", "run")
+    assert main(["train", cfg, *argv]) == 2
+    assert message in capsys.readouterr().err.replace("\n", " ")
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+def test_multiplex_runs_two_jobs_on_one_process(tmp_path, capsys):
+    a = _toml(tmp_path, "a.toml", "a", steps=3)
+    b = _toml(tmp_path, "b.toml", "b", steps=5)
+    assert main(["multiplex", a, b, "--nproc", "1", "--quantum", "2"]) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "a")] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(tmp_path / "b")] == [1, 2, 3, 4, 5]
+    err = capsys.readouterr().err
+    assert "multiplexed jobs" in err and "multiplexing 2 jobs on 1 processes" in err
