@@ -3,6 +3,7 @@ port the system chose)."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 from pathlib import Path
@@ -58,6 +59,11 @@ def serve_engine(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_
     # (5 ms by default) lets the event loop accept and stream between them with less delay.
     sys.setswitchinterval(0.001)
     app = create_app(AsyncEngine(engine, ServeMetrics()), engine.name, api_key)
+    # What exists now (modules, the model, the app) lives as long as the server: moved out of the
+    # collector's reach, a full collection while serving walks only request-time objects, so it
+    # pauses streams for less time.
+    gc.collect()
+    gc.freeze()
     sock = bind(host, port)
     if on_ready is not None:
         on_ready(url_of(sock), engine)
