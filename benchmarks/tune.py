@@ -9,7 +9,7 @@ alternating order. "time_ratio" = ASHA's sweep wall time / the exhaustive sweep'
 "best_gap" = ASHA's best held-out loss / the exhaustive best (target ≤ 1.05); medians over rounds.
 Both wall times include what any sweep pays besides training: starting one worker per CPU
 (importing torch) and Ray Tune's per-trial bookkeeping (about a second per trial here), which
-ASHA cannot save; the trials are long enough (1200 steps) for training to dominate. The held-out
+ASHA cannot save; the trials are long enough (2400 steps) for training to dominate. The held-out
 loss is over 11 batches of 32, 352 of the 359 held-out images, so that it measures the model and
 not the few easy images a smaller sample would hold.
 """
@@ -69,7 +69,7 @@ def main() -> None:
     ap = benchmark_parser(__doc__, "300-step trials, one round (about a minute on a quiet 2-core machine)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds of (ASHA, exhaustive)")
     args = ap.parse_args()
-    steps, eval_interval = (300, 25) if args.quick else (1200, 100)
+    steps, eval_interval = (300, 25) if args.quick else (2400, 200)
     rounds = args.rounds or (1 if args.quick else 2)
     import ray
 
