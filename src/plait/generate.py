@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from plait.config import Config
 from plait.data.tokenizer import ByteTokenizer
@@ -112,7 +114,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found.path
 
 
-def _config_of(state: dict, source: Path) -> Config:
+def config_of(state: dict, source: Path) -> Config:
+    """The run config a checkpoint's state carries (a CheckpointError naming `source` if none)."""
     try:
         return Config.from_dict(state["config"])
     except (KeyError, TypeError, ConfigError) as exc:
@@ -126,14 +129,17 @@ def _text_model_only(cfg: Config, source: Path) -> None:
             "not a text model; plait generate samples text from GPT runs only")
 
 
-def _load_ps(found: Found, device: str) -> tuple[GPT, Config]:
-    """Assemble a GPT from its servers' shards of the flat parameter vector."""
+def assemble_server_shards(found: Found, check: Callable[[Config], None] | None = None) -> tuple[nn.Module, Config]:
+    """The model of a parameter-server run (CPU), assembled from its servers' shards of the flat
+    parameter vector; `check` may refuse the run's config before anything is built."""
+    from plait.models.build import build_model
     from plait.parallel.parameter_server.sharding import FlatLayout
 
     parts = [load_checkpoint(p) for p in found.server_parts]
-    cfg = _config_of(parts[0].get("state", {}), found.server_parts[0])
-    _text_model_only(cfg, found.path.parent if found.path.name == "checkpoints" else found.path)
-    model = GPT(cfg.model)
+    cfg = config_of(parts[0].get("state", {}), found.server_parts[0])
+    if check is not None:
+        check(cfg)
+    model = build_model(cfg.model, seed=0)
     flat = FlatLayout.of(model)
     vector = torch.empty(flat.numel, dtype=flat.dtype)
     covered = 0
@@ -153,6 +159,13 @@ def _load_ps(found: Found, device: str) -> tuple[GPT, Config]:
     with torch.no_grad():
         for slot, p in zip(flat.slots, flat.trainable(model)):
             p.copy_(vector[slot.offset:slot.offset + slot.numel].view(slot.shape))
+    return model, cfg
+
+
+def _load_ps(found: Found, device: str) -> tuple[GPT, Config]:
+    """Assemble a GPT from its servers' shards of the flat parameter vector."""
+    run = found.path.parent if found.path.name == "checkpoints" else found.path
+    model, cfg = assemble_server_shards(found, check=lambda cfg: _text_model_only(cfg, run))
     return model.to(device).eval(), cfg
 
 
@@ -163,7 +176,7 @@ def load_model(path: str | Path | Found, device: str = "cpu") -> tuple[GPT, Conf
         return _load_ps(found, device)
     ckpt = found.path
     parts = load_checkpoint(ckpt, map_location=device)
-    cfg = _config_of(parts.get("state", {}), ckpt)
+    cfg = config_of(parts.get("state", {}), ckpt)
     _text_model_only(cfg, ckpt)
     if "model" not in parts:
         raise CheckpointError(f"checkpoint {str(ckpt)!r} lacks model.pt")
