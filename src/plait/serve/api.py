@@ -74,6 +74,22 @@ class _RequireKey:
         await self.app(scope, receive, send)
 
 
+def guard_api(app: FastAPI, api_key: str | None, on_refuse: Callable[[], None] = lambda: None) -> None:
+    """What every plait HTTP app shares: with `api_key`, a 401 (and `on_refuse()`) for a request
+    without `Authorization: Bearer KEY`; HTTP and validation errors as OpenAI-style bodies."""
+    if api_key is not None:
+        app.add_middleware(_RequireKey, api_key=api_key, on_refuse=on_refuse)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error(exc.status_code, str(exc.detail), code=code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError):
+        return error(400, str(exc))
+
+
 def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
     """A FastAPI app serving `engine` under `model_name`; with `api_key`, every request must carry
     `Authorization: Bearer <api_key>`. The app starts and stops the engine thread."""
@@ -91,17 +107,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
     context = engine.engine.context
     created = int(time.time())
 
-    if api_key is not None:
-        app.add_middleware(_RequireKey, api_key=api_key, on_refuse=lambda: metrics.rejected.labels(status="401").inc())
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error(exc.status_code, str(exc.detail), code=code)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError):
-        return error(400, str(exc))
+    guard_api(app, api_key, on_refuse=lambda: metrics.rejected.labels(status="401").inc())
 
     @app.get("/health")
     async def health():

@@ -58,6 +58,15 @@ class StepInput:
     def num_tokens(self) -> int:
         return len(self.decode_tokens) + sum(len(c.tokens) for c in self.chunks)
 
+    def rows(self) -> tuple[list[int], list[int], list[int]]:
+        """The step's token ids, positions and cache slots, one per row: decoders, then chunks."""
+        ids, pos, slots = list(self.decode_tokens), list(self.decode_positions), list(self.decode_slots)
+        for ch in self.chunks:
+            ids += ch.tokens
+            pos += range(ch.start, ch.start + len(ch.tokens))
+            slots += [ch.slot] * len(ch.tokens)
+        return ids, pos, slots
+
 
 class StepRunner(Protocol):
     """What the engine needs of whatever runs its steps: the KV cache whose slots the scheduler
@@ -108,13 +117,7 @@ class ModelRunner:
         m, dev = self.model, self.device
         H, D, C, L = self.n_head, self.head_dim, self.width, self.cache.block_size
         nd = len(step.decode_tokens)
-        ids = list(step.decode_tokens)
-        pos = list(step.decode_positions)
-        slots = list(step.decode_slots)
-        for ch in step.chunks:
-            ids += ch.tokens
-            pos += range(ch.start, ch.start + len(ch.tokens))
-            slots += [ch.slot] * len(ch.tokens)
+        ids, pos, slots = step.rows()
         n = len(ids)
         padded = pad_rows(n, self.quantum)
         # Padding rows are real embeddings (token 0 at position 0); their keys are never stored.

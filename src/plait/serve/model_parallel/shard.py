@@ -90,11 +90,7 @@ class StageShard:
         """Index tensors for `step`'s rows on this rank (every rank derives the same rows)."""
         dev, H, D, L = self.device, self.n_head, self.head_dim, self.cache.block_size
         nd = len(step.decode_tokens)
-        ids, pos, slots = list(step.decode_tokens), list(step.decode_positions), list(step.decode_slots)
-        for ch in step.chunks:
-            ids += ch.tokens
-            pos += range(ch.start, ch.start + len(ch.tokens))
-            slots += [ch.slot] * len(ch.tokens)
+        ids, pos, slots = step.rows()
         n = len(ids)
         padded = pad_rows(n, self.quantum)
         # Padding rows are real embeddings (token 0 at position 0); their keys are never stored.

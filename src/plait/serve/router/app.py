@@ -14,12 +14,10 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from plait.serve.api import _RequireKey, error
+from plait.serve.api import error, guard_api
 from plait.serve.router.autoscaler import Autoscaler
 from plait.serve.router.config import RouterConfig
 from plait.serve.router.metrics import RouterMetrics
@@ -96,17 +94,7 @@ def create_router_app(router: Router, api_key: str | None = None) -> FastAPI:
     """The FastAPI app of `router`; with `api_key`, every request needs `Authorization: Bearer KEY`."""
     app = FastAPI(title="plait router", docs_url=None, redoc_url=None, openapi_url=None)
 
-    if api_key is not None:
-        app.add_middleware(_RequireKey, api_key=api_key, on_refuse=lambda: None)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error(exc.status_code, str(exc.detail), code=code)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError):
-        return error(400, str(exc))
+    guard_api(app, api_key)
 
     @app.get("/health")
     async def health():
