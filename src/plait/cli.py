@@ -54,8 +54,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
 
     from plait.config import validate
-    from plait.launch import launch, resolve_device
-    from plait.train.run import load_splits, train_process
+    from plait.launch import resolve_device
+    from plait.progress import summary_table
+    from plait.train.run import load_splits, train_locally
 
     validate(cfg, args.nproc)
     resolve_device(cfg.train.device)  # train.device="cuda" without CUDA: refused before launch
@@ -75,18 +76,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.elastic.max_nodes:
         summary = _train_elastic(cfg, args.nproc)
     else:
-        results = launch(train_process, (cfg.to_dict(), True), nproc=args.nproc,
-                         log_path=Path(cfg.train.out_dir) / "error.log")
-        summary = results.get(0) or next(iter(results.values()))
-    table = Table(title="run summary")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_row("steps", str(summary["step"]))
-    if summary.get("final_val_loss") is not None:
-        table.add_row("held-out loss", f"{summary['final_val_loss']:.4f}")
-    table.add_row("tokens/s", f"{summary['tokens_per_s']:,.0f}")
-    table.add_row("checkpoint", Text(str(summary.get("checkpoint") or "-")))
-    console.print(table)
+        summary = train_locally(cfg, args.nproc)
+    console.print(summary_table(summary))
     return 0
 
 

@@ -10,6 +10,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
 
 from plait.train.trainer import Callbacks
 
@@ -44,3 +46,16 @@ def progress_callbacks(console: Console | None = None) -> Callbacks:
             console.print(f"checkpoint: {summary['checkpoint']}", markup=False, highlight=False)
 
     return Callbacks(on_start=on_start, on_step=on_step, on_eval=on_eval, on_end=on_end)
+
+
+def summary_table(summary: dict[str, Any], title: str = "run summary", loss_label: str = "held-out loss") -> Table:
+    """A finished run's steps, final held-out loss, throughput and checkpoint, as a table."""
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("steps", str(summary["step"]))
+    if summary.get("final_val_loss") is not None:
+        table.add_row(loss_label, f"{summary['final_val_loss']:.4f}")
+    table.add_row("tokens/s", f"{summary['tokens_per_s']:,.0f}")
+    table.add_row("checkpoint", Text(str(summary.get("checkpoint") or "-")))
+    return table

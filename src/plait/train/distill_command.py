@@ -48,14 +48,13 @@ def overrides(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Check the config and the teacher here, then train the student on `--nproc` processes."""
     from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
 
     from plait.config import load_config, validate
     from plait.errors import CheckpointError, ConfigError
-    from plait.launch import launch, resolve_device
+    from plait.launch import resolve_device
+    from plait.progress import summary_table
     from plait.train.distill import load_teacher
-    from plait.train.run import load_splits, train_process
+    from plait.train.run import load_splits, train_locally
 
     console = Console(stderr=True)
 
@@ -86,16 +85,6 @@ def run(args: argparse.Namespace) -> int:
         f"alpha={cfg.distill.alpha}")
     say(f"data: {len(train):,} training and {len(val):,} held-out sequences of {sm.block_size} "
         f"tokens; launching {args.nproc} processes")
-    results = launch(train_process, (cfg.to_dict(), True), nproc=args.nproc,
-                     log_path=Path(cfg.train.out_dir) / "error.log")
-    summary = results.get(0) or next(iter(results.values()))
-    table = Table(title="distillation summary")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_row("steps", str(summary["step"]))
-    if summary.get("final_val_loss") is not None:
-        table.add_row("student held-out loss", f"{summary['final_val_loss']:.4f}")
-    table.add_row("tokens/s", f"{summary['tokens_per_s']:,.0f}")
-    table.add_row("checkpoint", Text(str(summary.get("checkpoint") or "-")))
-    console.print(table)
+    summary = train_locally(cfg, args.nproc)
+    console.print(summary_table(summary, "distillation summary", "student held-out loss"))
     return 0

@@ -24,7 +24,7 @@ from plait.elastic.membership import (
 )
 from plait.elastic.preemption import PREEMPTED_EXIT_CODE
 from plait.elastic.watchdog import job_watchdog
-from plait.launch import configure_threads, resolve_device
+from plait.launch import configure_threads, launch, resolve_device
 from plait.mesh import ParallelMesh
 from plait.train.trainer import Callbacks, Trainer
 
@@ -75,6 +75,13 @@ def load_splits(cfg: Config):
         return load_digits_splits(cfg.data.val_fraction)
     return load_token_splits(cfg.data.path, cfg.model.block_size, cfg.data.val_fraction,
                              cfg.data.cache_dir or None)
+
+
+def train_locally(cfg: Config, nproc: int) -> dict[str, Any]:
+    """Train `cfg` on `nproc` processes of this machine; the main rank's summary."""
+    results = launch(train_process, (cfg.to_dict(), True), nproc=nproc,
+                     log_path=Path(cfg.train.out_dir) / "error.log")
+    return results.get(0) or next(iter(results.values()))
 
 
 def main(argv: list[str] | None = None) -> None:
