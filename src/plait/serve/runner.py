@@ -68,6 +68,20 @@ class StepInput:
         return ids, pos, slots
 
 
+def cache_geometry(n_head: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Positions 0…L−1; the causal mask (causal[i, j] = 0 where position j may be seen from i,
+    else −inf); the offsets of one token's keys and of its values (head, dim) in a layer's
+    flattened cache slot, for index_copy_."""
+    L = block_size
+    pos = torch.arange(L, device=device)
+    causal = torch.zeros(L, L, dtype=dtype, device=device).masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+    grid_h, grid_d = torch.arange(n_head, device=device)[:, None], torch.arange(head_dim, device=device)[None, :]
+    k_offsets = ((grid_h * head_dim + grid_d) * L).reshape(-1)
+    v_offsets = (grid_h * L * head_dim + grid_d).reshape(-1)
+    return pos, causal, k_offsets, v_offsets
+
+
 class StepRunner(Protocol):
     """What the engine needs of whatever runs its steps: the KV cache whose slots the scheduler
     hands out (allocate, release, move), the row and span quanta it pads to, and the step itself."""
@@ -99,17 +113,8 @@ class ModelRunner:
         self.device, self.dtype = p.device, p.dtype
         self.layers = [_Layer(b) for b in model.blocks]
         self.ln_f = (model.ln_f.weight, model.ln_f.bias, model.ln_f.eps)
-        L = cache.block_size
-        pos = torch.arange(L, device=self.device)
-        self.positions = pos
-        # causal[i, j] = 0 where position j may be seen from position i, else -inf.
-        self.causal = torch.zeros(L, L, dtype=self.dtype, device=self.device).masked_fill(
-            pos[None, :] > pos[:, None], float("-inf"))
-        # Offsets of one token's keys (head, dim) in a layer's flattened cache, for index_copy_.
-        H, D = self.n_head, self.head_dim
-        grid_h, grid_d = torch.arange(H, device=self.device)[:, None], torch.arange(D, device=self.device)[None, :]
-        self.k_offsets = ((grid_h * D + grid_d) * L).reshape(-1)
-        self.v_offsets = (grid_h * L * D + grid_d).reshape(-1)
+        self.positions, self.causal, self.k_offsets, self.v_offsets = cache_geometry(
+            self.n_head, self.head_dim, cache.block_size, self.dtype, self.device)
 
     @torch.no_grad()
     def forward(self, step: StepInput) -> torch.Tensor:

@@ -29,7 +29,7 @@ from plait.parallel.tensor_parallel.plan import apply_plan
 from plait.serve.attention import attend, span
 from plait.serve.invariance import pad_rows
 from plait.serve.kv_cache import KVCache
-from plait.serve.runner import StepInput
+from plait.serve.runner import StepInput, cache_geometry
 
 
 @dataclass
@@ -75,14 +75,8 @@ class StageShard:
         self.blocks = [model.blocks[i] for i in range(lo, hi)]
         L = c.block_size
         self.cache = KVCache(hi - lo, max_seqs, self.n_head, L, self.head_dim, dtype=p.dtype, device=p.device)
-        pos = torch.arange(L, device=self.device)
-        self.positions = pos
-        self.causal = torch.zeros(L, L, dtype=self.dtype, device=self.device).masked_fill(
-            pos[None, :] > pos[:, None], float("-inf"))
-        H, D = self.n_head, self.head_dim
-        grid_h, grid_d = torch.arange(H, device=self.device)[:, None], torch.arange(D, device=self.device)[None, :]
-        self.k_offsets = ((grid_h * D + grid_d) * L).reshape(-1)
-        self.v_offsets = (grid_h * L * D + grid_d).reshape(-1)
+        self.positions, self.causal, self.k_offsets, self.v_offsets = cache_geometry(
+            self.n_head, self.head_dim, L, self.dtype, self.device)
 
     # --- layout -------------------------------------------------------------------------------
 
