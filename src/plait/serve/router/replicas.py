@@ -255,7 +255,9 @@ class ReplicaSet:
                 self._failed_starts += 1
                 tail = "\n".join(r.log)
                 log.warning("replica %d failed to start (exit code %s):\n%s", r.id, code, tail)
-                if self._failed_starts >= self.config.start_failures:
+                # Once: a start already under way may fail after restarts stopped, and the
+                # error should say where they stopped.
+                if self._failed_starts >= self.config.start_failures and self.error is None:
                     self.error = (f"{self._failed_starts} replicas in a row failed to start; the last said:\n"
                                   f"{tail}")
                     log.error("%s", self.error)
