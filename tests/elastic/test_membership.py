@@ -67,6 +67,10 @@ def test_killed_worker_leaves_and_the_job_finishes_at_the_smaller_size(tmp_path,
         wait_for(f"step {kill_after}", lambda: _last_step(tmp_path / "run") >= kill_after,
                  JOB_TIMEOUT_S, while_alive=_alive(job))
         os.kill(read_workers(tmp_path / "run")[victim]["pid"], signal.SIGKILL)
+        # Steps may have gone on between the check above and the kill (a loaded machine can
+        # hold this process back for seconds); none can complete without the victim after it,
+        # and rank 0's log lags the victim by at most the step under way.
+        seen_at_kill = _last_step(tmp_path / "run")
         summary = job.wait(JOB_TIMEOUT_S)
         outcomes = job.outcomes()
     assert summary["step"] == STEPS
@@ -75,7 +79,7 @@ def test_killed_worker_leaves_and_the_job_finishes_at_the_smaller_size(tmp_path,
     assert [r["world_size"] for r in rounds] == [3, 2], rounds
     assert rounds[1]["namespace"] != rounds[0]["namespace"]  # the store keys of each round apart
     resumed = rounds[1]["step"]
-    assert kill_after <= resumed <= kill_after + 2, (kill_after, rounds)
+    assert kill_after <= resumed <= seen_at_kill + 1, (kill_after, seen_at_kill, rounds)
     _check_epoch_once(tmp_path / "run")
 
     ref = {**elastic_config(tmp_path, "reference"), "elastic": {**cfg["elastic"], "min_nodes": 2, "max_nodes": 3}}
