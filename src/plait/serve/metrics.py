@@ -39,6 +39,7 @@ class ServeMetrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self._window_s = window_s
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self._recent_total = 0
         self._lock = threading.Lock()
 
     def record_tokens(self, n: int, now: float | None = None) -> None:
@@ -46,10 +47,12 @@ class ServeMetrics:
         now = time.perf_counter() if now is None else now
         self.generation_tokens.inc(n)
         with self._lock:
+            # A running total: a step's update costs the same whatever the window holds.
             self._recent.append((now, n))
+            self._recent_total += n
             while self._recent and self._recent[0][0] < now - self._window_s:
-                self._recent.popleft()
-            self.tokens_per_s.set(sum(k for _, k in self._recent) / self._window_s)
+                self._recent_total -= self._recent.popleft()[1]
+            self.tokens_per_s.set(self._recent_total / self._window_s)
 
     def record_finish(self, reason: str, arrival: float, first: float | None, end: float, tokens: int) -> None:
         self.requests.labels(finish_reason=reason).inc()

@@ -116,7 +116,7 @@ class ModelRunner:
         self.positions, self.causal, self.k_offsets, self.v_offsets = cache_geometry(
             self.n_head, self.head_dim, cache.block_size, self.dtype, self.device)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
         """Logits (float32) for each decoding sequence, then for each chunk with `logits` set."""
         m, dev = self.model, self.device
