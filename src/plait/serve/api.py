@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from plait.errors import RequestError, ServerBusyError
 from plait.serve.async_engine import AsyncEngine, Handle
+from plait.serve.engine_process import ProcessEngine
 from plait.serve.protocol import CompletionRequest
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,10 @@ def guard_api(app: FastAPI, api_key: str | None, on_refuse: Callable[[], None] =
         return error(400, str(exc))
 
 
-def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
-    """A FastAPI app serving `engine` under `model_name`; with `api_key`, every request must carry
-    `Authorization: Bearer <api_key>`. The app starts and stops the engine thread."""
+def create_app(engine: AsyncEngine | ProcessEngine, model_name: str, api_key: str | None = None) -> FastAPI:
+    """A FastAPI app serving `engine` (on a thread of this process, or in a process of its own)
+    under `model_name`; with `api_key`, every request must carry `Authorization: Bearer <api_key>`.
+    The app starts and stops the engine."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -112,7 +114,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
     @app.get("/health")
     async def health():
         if not engine.alive:
-            return error(503, "the engine thread is not running", type_="server_error")
+            return error(503, "the engine is not running", type_="server_error")
         return {"status": "ok", "model": model_name}
 
     @app.get("/metrics")
@@ -145,6 +147,9 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
         except RequestError as exc:
             metrics.rejected.labels(status="400").inc()
             return error(400, str(exc), param=exc.param)
+        if not engine.alive:
+            metrics.rejected.labels(status="503").inc()
+            return error(503, "the engine is not running", type_="server_error", code="engine_down")
         queue: asyncio.Queue = asyncio.Queue()
         handles: list[Handle] = []
         try:

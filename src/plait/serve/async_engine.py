@@ -131,21 +131,8 @@ class AsyncEngine:
             self._waiting = len(self._inbox) + self.engine.num_waiting
         self.metrics.queue_depth.set(self._waiting)
         self.metrics.running.set(self.engine.num_running)
-        if outputs:
-            self.metrics.record_tokens(len(outputs), now)
         ready: dict[asyncio.AbstractEventLoop, list[tuple[Handle, Any]]] = {}
-        for out in outputs:
-            handle = self._handles.get(out.request_id)
-            if handle is None:
-                continue
-            if handle.first_token is None:
-                handle.first_token = now
-                self.metrics.ttft.observe(now - handle.arrival)
-            if out.finished:
-                handle.finished = True
-                del self._handles[out.request_id]
-                self.metrics.record_finish(out.finish_reason, handle.arrival, handle.first_token, now,
-                                           out.completion_tokens)
+        for handle, out in match_outputs(self._handles, outputs, self.metrics, now):
             ready.setdefault(handle.loop, []).append((handle, out))
         # One wake-up of the event loop per step, not one per token: fewer context switches.
         for loop, items in ready.items():
@@ -174,6 +161,30 @@ class AsyncEngine:
             handle.loop.call_soon_threadsafe(handle.queue.put_nowait, (handle.tag, item))
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
+
+
+def match_outputs(handles: dict[str, Handle], outputs: list[RequestOutput], metrics: ServeMetrics,
+                  now: float) -> list[tuple[Handle, RequestOutput]]:
+    """Pair a step's outputs with their requests' handles (outputs of cancelled requests are
+    dropped), and count them in `metrics`: tokens, first tokens, finished requests. A finished
+    request's handle leaves `handles`."""
+    if outputs:
+        metrics.record_tokens(len(outputs), now)
+    matched = []
+    for out in outputs:
+        handle = handles.get(out.request_id)
+        if handle is None:
+            continue
+        if handle.first_token is None:
+            handle.first_token = now
+            metrics.ttft.observe(now - handle.arrival)
+        if out.finished:
+            handle.finished = True
+            del handles[out.request_id]
+            metrics.record_finish(out.finish_reason, handle.arrival, handle.first_token, now,
+                                  out.completion_tokens)
+        matched.append((handle, out))
+    return matched
 
 
 def _put_all(items: list[tuple[Handle, Any]]) -> None:

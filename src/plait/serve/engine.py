@@ -77,6 +77,36 @@ class EngineConfig:
         return self.max_step_tokens or self.max_seqs + 2 * self.prefill_chunk
 
 
+class PromptChecker:
+    """A model's side of request checking: text to token ids, ids within its vocabulary. Shared
+    by the engine and by an HTTP server whose engine runs in another process."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, context: int):
+        self.tokenizer, self.vocab_size, self.context = tokenizer, vocab_size, context
+
+    def encode(self, prompt: str | Seq[int]) -> list[int]:
+        """Token ids of a prompt given as text or as ids (checked against the vocabulary)."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {self.vocab_size})", "prompt")
+        return ids
+
+    def check_resume(self, resume: Seq[int], params: SamplingParams) -> list[int]:
+        """`resume` as a list, or RequestError: token ids in the vocabulary, fewer than max_tokens,
+        no end token (a stream that ended is not resumed)."""
+        ids = list(resume)
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in ids):
+            raise RequestError(f"plait.resume token ids must be integers in [0, {self.vocab_size})", "plait")
+        if len(ids) >= params.max_tokens:
+            raise RequestError(f"plait.resume holds {len(ids)} tokens; a request to resume has fewer "
+                               f"than max_tokens={params.max_tokens}", "plait")
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id in ids:
+            raise RequestError("plait.resume holds the end token: that stream is finished", "plait")
+        return ids
+
+
 @dataclass
 class RequestOutput:
     """What one step produced for one request: new tokens and the new final text."""
@@ -123,6 +153,7 @@ class Engine:
         c = model.cfg
         self.context = c.block_size
         self.vocab_size = c.vocab_size
+        self.prompts = PromptChecker(self.tokenizer, self.vocab_size, self.context)
         p = next(model.parameters())
         self.device = p.device
         if runner is None:
@@ -179,12 +210,11 @@ class Engine:
 
     def encode(self, prompt: str | Seq[int]) -> list[int]:
         """Token ids of a prompt given as text or as ids (checked against the vocabulary)."""
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        ids = list(prompt)
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in ids):
-            raise RequestError(f"prompt token ids must be integers in [0, {self.vocab_size})", "prompt")
-        return ids
+        return self.prompts.encode(prompt)
+
+    def in_flight(self) -> list[str]:
+        """The ids of the requests queued or running."""
+        return list(self._seqs)
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
                     request_id: str | None = None, resume: Seq[int] = ()) -> str:
@@ -215,17 +245,8 @@ class Engine:
         return rid
 
     def check_resume(self, resume: Seq[int], params: SamplingParams) -> list[int]:
-        """`resume` as a list, or RequestError: token ids in the vocabulary, fewer than max_tokens,
-        no end token (a stream that ended is not resumed)."""
-        ids = list(resume)
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in ids):
-            raise RequestError(f"plait.resume token ids must be integers in [0, {self.vocab_size})", "plait")
-        if len(ids) >= params.max_tokens:
-            raise RequestError(f"plait.resume holds {len(ids)} tokens; a request to resume has fewer "
-                               f"than max_tokens={params.max_tokens}", "plait")
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id in ids:
-            raise RequestError("plait.resume holds the end token: that stream is finished", "plait")
-        return ids
+        """`resume` as a list, or RequestError (see :meth:`PromptChecker.check_resume`)."""
+        return self.prompts.check_resume(resume, params)
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request (queued or running) and free its slot; False if it is not in flight."""

@@ -7,12 +7,13 @@ import gc
 import logging
 import socket
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from plait.errors import ConfigError
 from plait.serve.api import create_app
 from plait.serve.async_engine import AsyncEngine
 from plait.serve.engine import Engine, EngineConfig
+from plait.serve.engine_process import ProcessEngine
 from plait.serve.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
@@ -52,13 +53,31 @@ def uvicorn_server(app, log_level: str = "warning"):
 def serve_engine(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                  on_ready: Callable[[str, Engine], None] | None = None, log_level: str = "warning") -> None:
     """Serve an already built engine (in-process or model-parallel) until interrupted (Ctrl-C or
-    SIGTERM)."""
+    SIGTERM). Its steps run on a thread of this process."""
     import sys
 
     # The engine thread runs Python between its tensor operations; a shorter GIL switch interval
     # (5 ms by default) lets the event loop accept and stream between them with less delay.
     sys.setswitchinterval(0.001)
-    app = create_app(AsyncEngine(engine, ServeMetrics()), engine.name, api_key)
+    _serve_app(AsyncEngine(engine, ServeMetrics()), engine, host, port, api_key, on_ready, log_level)
+
+
+def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          config: EngineConfig | None = None, device: str = "cpu", model_name: str | None = None,
+          on_ready: Callable[[str, Any], None] | None = None, log_level: str = "warning") -> None:
+    """Load the model at `path` and serve it until interrupted (Ctrl-C or SIGTERM). The engine
+    runs in a process of its own (see :mod:`plait.serve.engine_process`); `on_ready` gets the
+    URL and the engine's front (name, context)."""
+    engine = ProcessEngine(path, config=config, device=device, name=model_name, metrics=ServeMetrics())
+    try:
+        _serve_app(engine, engine.engine, host, port, api_key, on_ready, log_level)
+    finally:
+        engine.close()
+
+
+def _serve_app(engine, front, host: str, port: int, api_key: str | None,
+               on_ready: Callable[[str, Any], None] | None, log_level: str) -> None:
+    app = create_app(engine, front.name, api_key)
     # What exists now (modules, the model, the app) lives as long as the server: moved out of the
     # collector's reach, a full collection while serving walks only request-time objects, so it
     # pauses streams for less time.
@@ -66,13 +85,5 @@ def serve_engine(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_
     gc.freeze()
     sock = bind(host, port)
     if on_ready is not None:
-        on_ready(url_of(sock), engine)
+        on_ready(url_of(sock), front)
     uvicorn_server(app, log_level).run(sockets=[sock])
-
-
-def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          config: EngineConfig | None = None, device: str = "cpu", model_name: str | None = None,
-          on_ready: Callable[[str, Engine], None] | None = None, log_level: str = "warning") -> None:
-    """Load the model at `path` and serve it until interrupted (Ctrl-C or SIGTERM)."""
-    engine = Engine.from_path(path, config=config, device=device, name=model_name)
-    serve_engine(engine, host, port, api_key, on_ready, log_level)
