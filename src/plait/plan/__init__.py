@@ -2,7 +2,8 @@
 
 - shapes.py     GPT shapes, named (gpt-125m … gpt-1t) or from a config; parameter and FLOP counts
 - hardware.py   the hardware table: GPUs, links, clusters; "this CPU" from calibrate.py
-- calibrate.py  microbenchmarks of this CPU (matmul, attention, elementwise, AdamW, Gloo α/β), cached
+- calibrate.py  microbenchmarks of this CPU (matmul, attention, elementwise, AdamW, Gloo α/β and its
+                waits between compute), cached
 - layout.py     Mesh-TensorFlow named-dimension layouts, checked and compiled into plait's strategies
 - cut.py        the pipeline layer cut, as plain data
 - ops.py        the kernels and collectives of one micro-batch

@@ -12,11 +12,14 @@ data-parallel gradient reduction (overlapped with the last backward where the so
 device do it), the sum of weights tied across stages, gradient clipping and the optimizer step.
 
 CPU processes that outnumber the cores share them: the step takes at least the work of all
-processes divided by the cores (Graham 1969's bound for list scheduling on identical machines).
+processes divided by the cores (Graham 1969's bound for list scheduling on identical machines),
+that work slowed by the measured cost of switching processes, plus the collectives' measured
+synchronisation waits, which hold no core (`plait.plan.calibrate`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -190,24 +193,12 @@ def _optimizer_time(cluster: Cluster, c: Candidate, shape: ModelShape, psi: floa
     return (opt_params * sw.optimizer_bytes_moved + clip_params * 12) / (dev.mem_bw * dev.mem_efficiency) + norm
 
 
-def estimate(shape: ModelShape, cluster: Cluster, cand: Candidate, global_batch: int,
-             software: Software = PLAIT) -> Estimate:
-    """Predict one step of `cand` training `shape` on `cluster` with `global_batch` sequences."""
-    c, sw, dev = cand, software, cluster.device
-    if c.dp * c.pp * c.tp != cluster.devices:
-        raise PlanError(f"dp×pp×tp = {c.dp}×{c.pp}×{c.tp} = {c.dp * c.pp * c.tp} does not use the "
-                        f"{cluster.devices} devices")
-    if global_batch % (c.dp * c.micro_batch):
-        raise PlanError(f"global batch {global_batch} is not a multiple of dp × micro-batch = "
-                        f"{c.dp} × {c.micro_batch}")
-    m = global_batch // (c.dp * c.micro_batch)
+def _step(shape: ModelShape, cluster: Cluster, c: Candidate, sw: Software, m: int,
+          stages: tuple) -> tuple[dict[str, float], float]:
+    """(the step's time by part on its slowest stage, the work of all processes together)."""
+    dev = cluster.device
     times = _layer_times(shape, cluster, sw, c.micro_batch, c.tp, c.dp, c.pp, c.sequence_parallel,
                          c.recompute)
-    cut = "even" if c.schedule == "interleaved" or sw.partition == "even" else c.partition
-    bounds = pipeline_cut(shape, c.pp, "flops" if cut == "time" else cut,
-                          c.virtual_stages if c.schedule == "interleaved" else 1) if c.pp > 1 else ()
-    stages = stage_layers(bounds, c.pp, shape.n_layer) if c.pp > 1 else ((True, shape.n_layer, True),)
-
     blk, embt, hd = times["block"], times["embedding"], times["head"]
     per_stage = [tuple(blocks * blk[i] + (embt[i] if emb else 0.0) + (hd[i] if head else 0.0)
                        for i in range(3)) for emb, blocks, head in stages]  # per micro-batch
@@ -240,11 +231,41 @@ def estimate(shape: ModelShape, cluster: Cluster, cand: Candidate, global_batch:
     breakdown = {"matmul": gemm, "other ops": other, "tp comm": tp_comm,
                  "pipeline bubble": t_fb - m * stage_t[slow], "p2p": p2p, "dp comm": dp_exposed,
                  "tied grads": tied, "optimizer": optimizer}
+    work = sum(m * t for t in stage_t) * c.dp * c.tp + cluster.devices * (p2p / c.pp + dp_comm
+                                                                         + optimizer + tied)
+    return breakdown, work
+
+
+def estimate(shape: ModelShape, cluster: Cluster, cand: Candidate, global_batch: int,
+             software: Software = PLAIT) -> Estimate:
+    """Predict one step of `cand` training `shape` on `cluster` with `global_batch` sequences."""
+    c, sw, dev = cand, software, cluster.device
+    if c.dp * c.pp * c.tp != cluster.devices:
+        raise PlanError(f"dp×pp×tp = {c.dp}×{c.pp}×{c.tp} = {c.dp * c.pp * c.tp} does not use the "
+                        f"{cluster.devices} devices")
+    if global_batch % (c.dp * c.micro_batch):
+        raise PlanError(f"global batch {global_batch} is not a multiple of dp × micro-batch = "
+                        f"{c.dp} × {c.micro_batch}")
+    m = global_batch // (c.dp * c.micro_batch)
+    cut = "even" if c.schedule == "interleaved" or sw.partition == "even" else c.partition
+    bounds = pipeline_cut(shape, c.pp, "flops" if cut == "time" else cut,
+                          c.virtual_stages if c.schedule == "interleaved" else 1) if c.pp > 1 else ()
+    stages = stage_layers(bounds, c.pp, shape.n_layer) if c.pp > 1 else ((True, shape.n_layer, True),)
+
+    breakdown, work = _step(shape, cluster, c, sw, m, stages)
     step = sum(breakdown.values())
     if dev.kind == "cpu" and cluster.cores:
-        busy = sum(m * t for t in stage_t) * c.dp * c.tp + cluster.devices * (p2p / c.pp + dp_comm
-                                                                              + optimizer + tied)
-        shared = busy * cluster.threads / cluster.cores
+        # The cores must also do every process's work: the compute, and Gloo's share of the
+        # collectives, slower by the measured cost of switching between processes when they
+        # outnumber the cores. Synchronisation waits hold no core, so the work is counted
+        # without them, and the shared time adds this rank's waits as measured with two
+        # processes per core.
+        waits = 0.0
+        if cluster.sync or cluster.shared_sync:
+            free, work = _step(shape, dataclasses.replace(cluster, sync=0.0), c, sw, m, stages)
+            shared_waits = dataclasses.replace(cluster, sync=cluster.shared_sync)
+            waits = sum(_step(shape, shared_waits, c, sw, m, stages)[0].values()) - sum(free.values())
+        shared = work * cluster.shared_compute * cluster.threads / cluster.cores + waits
         if shared > step:
             breakdown["core sharing"] = shared - step
             step = shared

@@ -116,7 +116,9 @@ class Cluster:
     """`devices` devices, `per_node` to a node; links inside and between nodes.
 
     `nics_per_node` inter-node links serve each node; CPU "clusters" are processes on one host
-    that share `cores` cores (`threads` each).
+    that share `cores` cores (`threads` each), with Gloo's α and β measured per kind and the
+    synchronisation cost σ each ring step of a collective issued between compute pays on top
+    (`plait.plan.calibrate`).
     """
 
     device: Device
@@ -128,6 +130,9 @@ class Cluster:
     cores: float = 0        # CPU only: cores the processes share (0 = one device per core or GPU)
     threads: int = 1        # CPU only: threads per process
     collectives: tuple[tuple[str, float, float], ...] = ()  # measured (kind, α, β), overriding the links
+    sync: float = 0.0           # measured σ: seconds each ring step waits beyond α–β in a step
+    shared_sync: float = 0.0    # CPU only: σ in the cores' shared time (processes taking turns)
+    shared_compute: float = 1.0  # CPU only: work's slowdown when the processes outnumber the cores
 
     @property
     def nodes(self) -> int:
@@ -181,6 +186,16 @@ def cpu_cluster(calibration: dict, processes: int, threads: int = 1) -> Cluster:
     gloo = c["gloo"]
     loop = Link("gloo-loopback", gloo["all_reduce"][1], 1.0, gloo["all_reduce"][0], "measured Gloo all-reduce")
     kinds = tuple((kind, alpha, beta) for kind, (alpha, beta) in sorted(gloo.items()))
+    # Synchronisation costs and the compute slowdown were measured with one process per core and
+    # with two. Up to one per core, a rank that waits leaves its core idle and pays σ to wake. With
+    # more processes than cores, no core idles while another process can run: a rank's own path
+    # (compute as if on a core of its own) is then a lower bound without σ, and the cores' shared
+    # time takes the two-per-core σ and slowdown, the slowdown growing from none at one per core
+    # to its measure at two.
+    per_core = processes * threads / c["cores"]
+    sync = c.get("gloo_sync", 0.0) if per_core <= 1 else 0.0
+    shared_sync = c.get("gloo_sync_oversubscribed", 0.0) if per_core > 1 else sync
+    slowdown = 1.0 + (c.get("oversubscribed_compute", 1.0) - 1.0) * min(max(per_core - 1.0, 0.0), 1.0)
     return Cluster(device, processes, processes, loop, loop, cores=c["cores"], threads=threads,
-                   collectives=kinds)
+                   collectives=kinds, sync=sync, shared_sync=shared_sync, shared_compute=slowdown)
 

@@ -7,7 +7,9 @@ are spread over the SMs in waves, and a last, partial wave runs at a fraction of
 Ops on a CPU take their measured per-op rates. Collectives follow the α–β model of the ring
 algorithms (Thakur, Rabenseifner & Gropp 2005; Patarasuk & Yuan 2009): an all-reduce over n ranks
 of B bytes takes 2(n−1)·α + 2(n−1)/n · B/β, a reduce-scatter or all-gather (n−1)·α + (n−1)/n ·
-B/β, a point-to-point send α + B/β.
+B/β, a point-to-point send α + B/β. On a CPU host, where α and β come from idle processes trading
+buffers, each ring step also pays σ, its measured synchronisation cost when the collective is
+issued between compute (`plait.plan.calibrate`).
 """
 
 from __future__ import annotations
@@ -99,10 +101,22 @@ def group_params(cluster: Cluster, group: str, dp: int, pp: int, tp: int,
     return size, alpha, beta
 
 
+def ring_steps(kind: str, size: int) -> int:
+    """Blocking exchanges with a peer in one ring collective over `size` ranks."""
+    if size <= 1:
+        return 0
+    return {"all_reduce": 2 * (size - 1), "reduce_scatter": size - 1, "all_gather": size - 1}.get(kind, 1)
+
+
 def collective(cluster: Cluster, kind: str, nbytes: float, group: str, dp: int, pp: int, tp: int) -> float:
-    """Time of one collective of `nbytes` over a mesh group of the cluster."""
+    """Time of one collective of `nbytes` over a mesh group of the cluster, issued between compute:
+    its α–β time plus, per ring step, the cluster's measured synchronisation cost, if any."""
     size, alpha, beta = group_params(cluster, group, dp, pp, tp, kind)
-    return collective_time(kind, nbytes, 2 if kind == "p2p" else size, alpha, beta)
+    size = 2 if kind == "p2p" else size
+    t = collective_time(kind, nbytes, size, alpha, beta)
+    if t > 0:
+        t += ring_steps(kind, size) * cluster.sync
+    return t
 
 
 def comms_time(cluster: Cluster, comms: list[Comm], dp: int, pp: int, tp: int) -> float:
