@@ -49,6 +49,11 @@ class ServerBusyError(PlaitError, RuntimeError):
     """The serving queue is full: the request was refused, and may be retried later."""
 
 
+class EngineDeadError(PlaitError, RuntimeError):
+    """A server's engine process died: the requests it held failed, and the server stops so that
+    whatever supervises it (the router, a service manager) starts a new one."""
+
+
 class HangError(PlaitError, RuntimeError):
     """A collective failed while peers had stopped answering; the message names those ranks."""
 

@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from plait.errors import RequestError, ServerBusyError
+from plait.errors import EngineDeadError, RequestError, ServerBusyError
 from plait.serve.async_engine import AsyncEngine, Handle
 from plait.serve.engine_process import ProcessEngine
 from plait.serve.protocol import CompletionRequest
@@ -155,6 +155,11 @@ def create_app(engine: AsyncEngine | ProcessEngine, model_name: str, api_key: st
         try:
             for i, ids in enumerate(prompts):
                 handles.append(engine.submit(ids, params, queue, tag=i, resume=resume[i]))
+        except EngineDeadError as exc:
+            for h in handles:
+                engine.abort(h)
+            metrics.rejected.labels(status="503").inc()
+            return error(503, str(exc), type_="server_error", code="engine_down")
         except ServerBusyError as exc:
             for h in handles:
                 engine.abort(h)
@@ -210,8 +215,10 @@ class _Reply:
             lines = []
             for index, out in batch:
                 if isinstance(out, BaseException):
+                    # engine_down: nothing wrong with the request, which a router may run elsewhere.
+                    code = "engine_down" if isinstance(out, EngineDeadError) else None
                     body = {"error": {"message": f"generation failed: {out}", "type": "server_error",
-                                      "param": None, "code": None}}
+                                      "param": None, "code": code}}
                     yield "".join(lines) + f"data: {json.dumps(body)}\n\n"
                     return
                 self.completion_tokens[index] = out.completion_tokens
@@ -245,6 +252,8 @@ class _Reply:
                 index, out = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
             except TimeoutError:
                 continue
+            if isinstance(out, EngineDeadError):
+                return error(503, f"generation failed: {out}", type_="server_error", code="engine_down")
             if isinstance(out, BaseException):
                 return error(500, f"generation failed: {out}", type_="server_error")
             texts[index].append(out.text)

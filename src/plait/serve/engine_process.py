@@ -26,9 +26,9 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from plait.errors import PlaitError, ServerBusyError
+from plait.errors import EngineDeadError, PlaitError, ServerBusyError
 from plait.serve.async_engine import Handle, match_outputs
 from plait.serve.engine import Engine, EngineConfig, PromptChecker, RequestOutput
 from plait.serve.metrics import ServeMetrics
@@ -91,6 +91,8 @@ class ProcessEngine:
         self._received_reported = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dead = False
+        self.died = False  # the engine process ended without being asked to
+        self.on_death: Callable[[], None] | None = None  # called once, on the event loop, if it does
         self.engine = self._wait_ready(start_timeout_s)
 
     def _wait_ready(self, timeout_s: float) -> EngineFront:
@@ -150,7 +152,7 @@ class ProcessEngine:
         """Queue a checked request (call from the event loop). Raises ServerBusyError when full."""
         params.check(len(prompt_ids), self.engine.context)
         if not self.alive:
-            raise ServerBusyError("the engine process is not running")
+            raise EngineDeadError("the engine process is not running")
         waiting = self._waiting()
         if waiting >= self.engine.config.max_queue:
             raise ServerBusyError(f"{waiting} requests are waiting (max_queue="
@@ -205,17 +207,19 @@ class ProcessEngine:
         if self._loop is not None:
             self._loop.remove_reader(self._conn.fileno())
             self._loop = None
-        self._dead = True
+        self._dead = self.died = True
         self._proc.join(1)
-        log.error("the engine process exited (exit code %s); failing %d requests in flight",
+        log.error("the engine process exited (exit code %s); failing %d requests in flight and stopping",
                   self._proc.exitcode, len(self._handles))
-        self._fail_all(f"the engine process exited (exit code {self._proc.exitcode})")
+        self._fail_all(f"the engine process exited (exit code {self._proc.exitcode})", EngineDeadError)
+        if self.on_death is not None:
+            self.on_death()
 
-    def _fail_all(self, why: str) -> None:
+    def _fail_all(self, why: str, kind: type[Exception] = RuntimeError) -> None:
         for handle in self._handles.values():
             handle.finished = True
             self.metrics.requests.labels(finish_reason="error").inc()
-            handle.queue.put_nowait((handle.tag, RuntimeError(why)))
+            handle.queue.put_nowait((handle.tag, kind(why)))
         self._handles.clear()
 
 

@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 from typing import Any, Callable
 
-from plait.errors import ConfigError
+from plait.errors import ConfigError, EngineDeadError
 from plait.serve.api import create_app
 from plait.serve.async_engine import AsyncEngine
 from plait.serve.engine import Engine, EngineConfig
@@ -69,14 +69,24 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: 
     runs in a process of its own (see :mod:`plait.serve.engine_process`); `on_ready` gets the
     URL and the engine's front (name, context)."""
     engine = ProcessEngine(path, config=config, device=device, name=model_name, metrics=ServeMetrics())
+
+    def stop_with_engine(server) -> None:
+        # A server without its engine stops (after failing what was in flight), so that whatever
+        # supervises it (the router, a service manager) starts a new one, as vLLM's does.
+        engine.on_death = lambda: setattr(server, "should_exit", True)
+
     try:
-        _serve_app(engine, engine.engine, host, port, api_key, on_ready, log_level)
+        _serve_app(engine, engine.engine, host, port, api_key, on_ready, log_level, before_run=stop_with_engine)
     finally:
         engine.close()
+    if engine.died:
+        raise EngineDeadError(f"the engine process of {engine.engine.name} died; the server stopped")
 
 
 def _serve_app(engine, front, host: str, port: int, api_key: str | None,
-               on_ready: Callable[[str, Any], None] | None, log_level: str) -> None:
+               on_ready: Callable[[str, Any], None] | None, log_level: str,
+               before_run: Callable[[Any], None] | None = None):
+    """Serve `engine`'s app until shut down; returns the uvicorn server."""
     app = create_app(engine, front.name, api_key)
     # What exists now (modules, the model, the app) lives as long as the server: moved out of the
     # collector's reach, a full collection while serving walks only request-time objects, so it
@@ -86,4 +96,8 @@ def _serve_app(engine, front, host: str, port: int, api_key: str | None,
     sock = bind(host, port)
     if on_ready is not None:
         on_ready(url_of(sock), front)
-    uvicorn_server(app, log_level).run(sockets=[sock])
+    server = uvicorn_server(app, log_level)
+    if before_run is not None:
+        before_run(server)
+    server.run(sockets=[sock])
+    return server

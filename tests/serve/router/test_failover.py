@@ -102,9 +102,20 @@ def test_a_client_that_leaves_frees_its_slot(routed):
     pytest.fail("the stream was not cancelled at its replica")
 
 
-def test_no_request_lost_when_a_replica_is_killed(routed, client):
+def _engine_of(pid: int) -> int:
+    """The engine process of the replica server `pid` (its one child)."""
+    from pathlib import Path
+
+    kids = [int(k) for task in Path(f"/proc/{pid}/task").iterdir() for k in (task / "children").read_text().split()]
+    assert len(kids) == 1, kids
+    return kids[0]
+
+
+@pytest.mark.parametrize("victim_kind", ["replica", "engine"])
+def test_no_request_lost_when_a_replica_is_killed(routed, client, victim_kind):
     """12 clients at once (2 replicas × 4 slots: some queue inside replicas), streams and whole
-    completions, greedy and seeded; SIGKILL to the busier replica while streams are mid-way."""
+    completions, greedy and seeded; SIGKILL to the busier replica (its server process, or only its
+    engine process, as an out-of-memory kill would pick) while streams are mid-way."""
     server, engine = routed
     jobs = [(f"job {i}", dict(max_tokens=100, temperature=0.0 if i % 3 == 0 else 0.8, seed=i, top_k=60),
              i % 4 != 3) for i in range(12)]
@@ -133,7 +144,11 @@ def test_no_request_lost_when_a_replica_is_killed(routed, client):
                 break
             time.sleep(0.005)
         victim = max(health(server.url)["replicas"], key=lambda r: r["ongoing"])
-        os.kill(victim["pid"], signal.SIGKILL)
+        until = time.monotonic() + 2
+        while victim["ongoing"] == 0 and time.monotonic() < until:  # a count read between requests
+            time.sleep(0.01)
+            victim = max(health(server.url)["replicas"], key=lambda r: r["ongoing"])
+        os.kill(victim["pid"] if victim_kind == "replica" else _engine_of(victim["pid"]), signal.SIGKILL)
         killed.append(victim["ongoing"])
 
     k = threading.Thread(target=killer)

@@ -81,7 +81,9 @@ class Proxy:
                         call.cancel()
                         return Response(status_code=499)
                 resp = call.result()
-            except httpx.TransportError as exc:
+                if _engine_down(resp.status_code, resp.content):
+                    raise _ReplicaDown(f"replica {r.id}'s engine process died")
+            except (httpx.TransportError, _ReplicaDown) as exc:
                 self.replicas.suspect(r, exc)
                 self.metrics.retries.inc()
                 failed_at = failed_at or time.monotonic()
@@ -126,7 +128,13 @@ class Proxy:
                 req = self.client.build_request("POST", f"{r.url}/v1/completions", json=body,
                                                 headers=self.replicas.headers)
                 resp = await self.client.send(req, stream=True)
-            except httpx.TransportError as exc:
+                if resp.status_code == 503:
+                    content = await resp.aread()
+                    await resp.aclose()
+                    if _engine_down(503, content):
+                        raise _ReplicaDown(f"replica {r.id}'s engine process died")
+                    resp = httpx.Response(503, headers=resp.headers, content=content, request=req)
+            except (httpx.TransportError, _ReplicaDown) as exc:
                 self.replicas.release(r)
                 self.replicas.suspect(r, exc)
                 self.metrics.retries.inc()
@@ -177,12 +185,14 @@ class Proxy:
                         line = s.take(event)
                         if line:
                             out.append(line)
+                        if s.replica_down:
+                            break
                     if s.failed_at is not None and out:
                         self.metrics.record_failover(s.failed_at, "stream")
                         s.failed_at = None
                     if out:
                         yield "".join(out)
-                    if s.done:
+                    if s.done or s.replica_down:
                         break
             except (httpx.TransportError, ValueError, KeyError, IndexError) as exc:
                 failure = exc  # a broken connection, or a broken event (the replica died writing it)
@@ -193,6 +203,9 @@ class Proxy:
                 break
             if s.all_finished:
                 break  # only [DONE] was missing
+            if s.replica_down:
+                s.replica_down = False
+                failure = failure or _ReplicaDown(f"replica {r.id}'s engine process died")
             failure = failure or RuntimeError("the stream ended early")
             self.replicas.suspect(r, failure)
             s.failed_at = s.failed_at or time.monotonic()
@@ -219,6 +232,20 @@ class Proxy:
         yield "data: [DONE]\n\n"
 
 
+class _ReplicaDown(Exception):
+    """A replica answered, but its engine process had died: like a broken connection, the
+    request moves to another replica."""
+
+
+def _engine_down(status: int, content: bytes) -> bool:
+    if status != 503:
+        return False
+    try:
+        return json.loads(content)["error"]["code"] == "engine_down"
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 class _StreamState:
     """What of a stream reached the client: per choice, its tokens and whether it finished."""
 
@@ -232,6 +259,7 @@ class _StreamState:
         self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         self.done = False
         self.error = False
+        self.replica_down = False  # the replica said its engine died: continue elsewhere
         self.failed_at: float | None = None
 
     @property
@@ -248,6 +276,9 @@ class _StreamState:
             self.done = True
             return None
         obj = json.loads(data)
+        if "error" in obj and obj["error"].get("code") == "engine_down":
+            self.replica_down = True  # not the request's fault: it continues on another replica
+            return None
         if "error" in obj:  # the replica's engine failed this request: that is the answer
             self.error = True
             return f"{event}\n\n"
