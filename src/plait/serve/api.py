@@ -147,9 +147,6 @@ def create_app(engine: AsyncEngine | ProcessEngine, model_name: str, api_key: st
         except RequestError as exc:
             metrics.rejected.labels(status="400").inc()
             return error(400, str(exc), param=exc.param)
-        if not engine.alive:
-            metrics.rejected.labels(status="503").inc()
-            return error(503, "the engine is not running", type_="server_error", code="engine_down")
         queue: asyncio.Queue = asyncio.Queue()
         handles: list[Handle] = []
         try:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from plait.errors import ServerBusyError
+from plait.errors import EngineDeadError, ServerBusyError
 from plait.serve.engine import Engine, RequestOutput
 from plait.serve.metrics import ServeMetrics
 from plait.serve.params import SamplingParams
@@ -68,9 +68,12 @@ class AsyncEngine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, queue: asyncio.Queue,
                tag: Any = None, resume: list[int] | None = None) -> Handle:
-        """Queue a checked request (call from the event loop). Raises ServerBusyError when full.
+        """Queue a checked request (call from the event loop). Raises ServerBusyError when full,
+        EngineDeadError when the engine thread is not running.
         `resume`: tokens already sent by a run elsewhere (see `Engine.add_request`)."""
         params.check(len(prompt_ids), self.engine.context)
+        if not self.alive:
+            raise EngineDeadError("the engine thread is not running")
         with self._lock:
             if self._waiting >= self.engine.config.max_queue:
                 raise ServerBusyError(f"{self._waiting} requests are waiting (max_queue="

@@ -139,7 +139,7 @@ class ProcessEngine:
         if self._proc.is_alive():
             try:
                 self._conn.send((STOP, None))
-            except (OSError, BrokenPipeError):
+            except OSError:  # it exited meanwhile
                 pass
             self._proc.join(timeout)
         if self._proc.is_alive():
@@ -149,7 +149,8 @@ class ProcessEngine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, queue: asyncio.Queue,
                tag: Any = None, resume: list[int] | None = None) -> Handle:
-        """Queue a checked request (call from the event loop). Raises ServerBusyError when full."""
+        """Queue a checked request (call from the event loop). Raises ServerBusyError when full,
+        EngineDeadError when the engine process is not running."""
         params.check(len(prompt_ids), self.engine.context)
         if not self.alive:
             raise EngineDeadError("the engine process is not running")
@@ -199,9 +200,7 @@ class ProcessEngine:
         for rid, why in report.failed:
             handle = self._handles.pop(rid, None)
             if handle is not None:
-                handle.finished = True
-                self.metrics.requests.labels(finish_reason="error").inc()
-                handle.queue.put_nowait((handle.tag, RuntimeError(why)))
+                self._fail(handle, RuntimeError(why))
 
     def _on_exit(self) -> None:
         if self._loop is not None:
@@ -215,11 +214,14 @@ class ProcessEngine:
         if self.on_death is not None:
             self.on_death()
 
+    def _fail(self, handle: Handle, exc: Exception) -> None:
+        handle.finished = True
+        self.metrics.requests.labels(finish_reason="error").inc()
+        handle.queue.put_nowait((handle.tag, exc))
+
     def _fail_all(self, why: str, kind: type[Exception] = RuntimeError) -> None:
         for handle in self._handles.values():
-            handle.finished = True
-            self.metrics.requests.labels(finish_reason="error").inc()
-            handle.queue.put_nowait((handle.tag, kind(why)))
+            self._fail(handle, kind(why))
         self._handles.clear()
 
 

@@ -85,8 +85,8 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: 
 
 def _serve_app(engine, front, host: str, port: int, api_key: str | None,
                on_ready: Callable[[str, Any], None] | None, log_level: str,
-               before_run: Callable[[Any], None] | None = None):
-    """Serve `engine`'s app until shut down; returns the uvicorn server."""
+               before_run: Callable[[Any], None] | None = None) -> None:
+    """Serve `engine`'s app until shut down; `before_run` gets the uvicorn server first."""
     app = create_app(engine, front.name, api_key)
     # What exists now (modules, the model, the app) lives as long as the server: moved out of the
     # collector's reach, a full collection while serving walks only request-time objects, so it
@@ -100,4 +100,3 @@ def _serve_app(engine, front, host: str, port: int, api_key: str | None,
     if before_run is not None:
         before_run(server)
     server.run(sockets=[sock])
-    return server
