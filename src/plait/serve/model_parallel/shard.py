@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from plait.models.gpt import GPT
 from plait.parallel.tensor_parallel.ops import all_gather_dim
 from plait.parallel.tensor_parallel.plan import apply_plan
+from plait.serve.activation import gelu_tanh
 from plait.serve.attention import attend, span
 from plait.serve.invariance import pad_rows
 from plait.serve.kv_cache import KVCache
@@ -147,7 +148,7 @@ class StageShard:
                 row += c
             x = x + a.proj(y)
             mlp = block.mlp
-            x = x + mlp.proj(F.gelu(mlp.fc(_layer_norm(block.ln2, x)), approximate="tanh"))
+            x = x + mlp.proj(gelu_tanh(mlp.fc(_layer_norm(block.ln2, x))))
         return x
 
     @torch.no_grad()

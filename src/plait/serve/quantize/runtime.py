@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from plait.errors import ConfigError
+from plait.serve.activation import gelu_tanh
 from plait.serve.invariance import CANDIDATES, pad_rows
 from plait.serve.quantize.linear import QuantizedLinear
 from plait.serve.quantize.model import quantize_model, quantized_layers, scheme_of
@@ -77,7 +78,7 @@ class _QuantizedLayer(_Layer):
         return self._proj_k(x)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self._mproj_k(F.gelu(self._fc_k(x), approximate="tanh"))
+        return self._mproj_k(gelu_tanh(self._fc_k(x)))
 
 
 def bind_quantized_layers(runner: ModelRunner) -> ModelRunner:
