@@ -18,7 +18,7 @@ from rich.text import Text
 
 from plait import __version__
 from plait.config import config_toml
-from plait.errors import CheckpointError, ConfigError, PlaitError
+from plait.errors import CheckpointError, ConfigError, PlaitError, PreemptedError
 
 console = Console(stderr=True)
 
@@ -73,12 +73,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         train, val = load_splits(cfg)
     items = "images" if cfg.data.dataset == "digits" else f"sequences of {cfg.model.block_size} tokens"
     say(f"data: {len(train):,} training and {len(val):,} held-out {items}; launching {args.nproc} processes")
-    if cfg.elastic.max_nodes:
-        summary = _train_elastic(cfg, args.nproc)
-    else:
-        summary = train_locally(cfg, args.nproc)
+    try:
+        if cfg.elastic.max_nodes:
+            summary = _train_elastic(cfg, args.nproc)
+        else:
+            summary = train_locally(cfg, args.nproc)
+    except PreemptedError as exc:
+        return _preempted(cfg, str(exc))
     console.print(summary_table(summary))
+    if summary.get("preempted"):
+        return _preempted(cfg, f"preempted ({summary['preempted']})")
     return 0
+
+
+def _preempted(cfg, what: str) -> int:
+    """Say where a preempted run stopped; its exit code (75) tells a scheduler to requeue it."""
+    from plait.elastic.preemption import PREEMPTED_EXIT_CODE
+    from plait.train.checkpoint import latest_valid_checkpoint
+
+    newest = latest_valid_checkpoint(Path(cfg.train.out_dir) / "checkpoints")
+    say(f"{what}; newest checkpoint: {newest or 'none'}. Run the same command again to resume "
+        f"(exit code {PREEMPTED_EXIT_CODE})")
+    return PREEMPTED_EXIT_CODE
 
 
 def _check_elastic_launch(cfg, nproc: int) -> None:

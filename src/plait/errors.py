@@ -37,6 +37,11 @@ class LaunchError(PlaitError, RuntimeError):
     """Worker processes failed; the message names the rank and its error."""
 
 
+class PreemptedError(PlaitError, RuntimeError):
+    """Training stopped on a preemption signal (SIGTERM, SIGUSR1) after its workers were asked to
+    checkpoint: rerunning the command resumes it. Command-line entry points exit with code 75."""
+
+
 class RequestError(PlaitError, ValueError):
     """A generation request is invalid; `param` names the request field at fault."""
 

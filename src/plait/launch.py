@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from plait import errors
-from plait.errors import ConfigError, LaunchError, PlaitError
+from plait.errors import ConfigError, LaunchError, PlaitError, PreemptedError
 
 if TYPE_CHECKING:
     import torch
@@ -137,9 +137,19 @@ def launch(fn: Callable[..., Any], args: tuple, nproc: int, max_restarts: int = 
     Uses a standalone c10d rendezvous on a free loopback port, as `torchrun --standalone` does.
     A failing process ends the job with :class:`LaunchError` giving its one-line message; the
     tracebacks are written to `log_path` when given.
+
+    Preemption (see :mod:`plait.elastic.preemption`) ends it with :class:`PreemptedError`, whether
+    the signal reached the workers (a process whose `fn` returns a summary marked "preempted"
+    exits with code 75) or this process (torch's launcher passes it on to the workers, which
+    checkpoint, and raises here).
     """
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from plait.elastic.preemption import PREEMPTED_EXIT_CODE
 
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc,
@@ -150,8 +160,13 @@ def launch(fn: Callable[..., Any], args: tuple, nproc: int, max_restarts: int = 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         with torch_launcher_quiet():
-            return elastic_launch(config, fn)(*args)
+            return elastic_launch(config, exit_when_preempted)(fn, *args)
+    except SignalException as exc:
+        raise PreemptedError(f"stopped by {signal.Signals(exc.sigval).name} (passed on to the workers, "
+                             "which checkpoint first unless [checkpoint] preemption is off)") from None
     except ChildFailedError as exc:
+        if exc.get_first_failure()[1].exitcode == PREEMPTED_EXIT_CODE:
+            raise PreemptedError("preempted: the workers checkpointed and stopped") from None
         failures = []
         for rank, failure in sorted(exc.failures.items()):
             msg, tb = failure.message, ""
@@ -163,6 +178,24 @@ def launch(fn: Callable[..., Any], args: tuple, nproc: int, max_restarts: int = 
                 tb = str(data.get("extraInfo", {}).get("py_callstack", ""))
             failures.append(RankFailure(rank, _from_torch_message(str(msg)), tb, failure.exitcode))
         raise failure_error(failures, log_path) from None
+
+
+def exit_when_preempted(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` as a launched worker (the entry point of :func:`launch` and of plait's elastic
+    agent): a preempted run's worker exits with code 75 instead of handing back its summary, as
+    `python -m plait.train.run` does under torchrun. Its launcher then knows the job was
+    preempted, not failed; and when the signal reached the launcher as well, it is no longer
+    collecting results: a worker that waited to hand one over would be killed after torch's 30 s
+    grace period."""
+    import sys
+
+    from plait.elastic.preemption import PREEMPTED_EXIT_CODE
+
+    result = fn(*args)
+    if isinstance(result, dict) and result.get("preempted"):
+        logging.shutdown()
+        sys.exit(PREEMPTED_EXIT_CODE)
+    return result
 
 
 def configure_threads() -> None:
@@ -254,7 +287,8 @@ class ElasticJob:
         return found
 
     def wait(self, timeout_s: float | None = None) -> dict[str, Any]:
-        """Wait for every node to end; returns rank 0's summary, or raises LaunchError."""
+        """Wait for every node to end; returns rank 0's summary, or raises LaunchError
+        (PreemptedError when every node stopped on a preemption)."""
         import time
 
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -274,6 +308,10 @@ class ElasticJob:
         for out in outcomes:
             if out and out["ok"]:
                 return next(iter(out["results"].values()))
+        from plait.elastic.preemption import PREEMPTED_EXIT_CODE
+
+        if all(p.returncode == PREEMPTED_EXIT_CODE for p in self.nodes):
+            raise PreemptedError("preempted: every node's workers checkpointed and stopped")
         failures = [RankFailure(int(rank), _from_torch_message(str(f["message"])), "", f["exitcode"])
                     for out in outcomes if out for rank, f in out["failures"].items()]
         if not failures:

@@ -38,11 +38,14 @@ def _agent_class():
     )
 
     from plait.elastic.membership import NAMESPACE_ENV
+    from plait.elastic.preemption import PREEMPTED_EXIT_CODE
 
     class PlaitAgent(LocalElasticAgent):
-        """LocalElasticAgent with per-round store namespaces and leave-on-signal."""
+        """LocalElasticAgent with per-round store namespaces, leave-on-signal, and no restart
+        after a preemption."""
 
         left = False
+        preempted = False
 
         def _rendezvous(self, worker_group) -> None:
             super()._rendezvous(worker_group)
@@ -62,6 +65,13 @@ def _agent_class():
         def _monitor_workers(self, worker_group):
             result = super()._monitor_workers(worker_group)
             if result.state == WorkerState.FAILED and any(
+                    f.exitcode == PREEMPTED_EXIT_CODE for f in result.failures.values()):
+                # The workers checkpointed on a preemption signal: the machines are going away,
+                # so the job stops here instead of restarting (the scheduler requeues it).
+                log.warning("the workers were preempted and checkpointed: this node stops")
+                self._remaining_restarts = 0
+                self.preempted = True
+            elif result.state == WorkerState.FAILED and any(
                     f.exitcode is not None and f.exitcode < 0 for f in result.failures.values()):
                 log.warning("a worker of this node was killed by a signal: the node leaves the job")
                 self._remaining_restarts = 0
@@ -106,6 +116,7 @@ def run_node(cfg_dict: dict[str, Any], endpoint: str, run_id: str, min_nodes: in
     from torch.distributed.elastic.rendezvous import RendezvousParameters
     from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 
+    from plait.launch import exit_when_preempted
     from plait.train.run import train_process
 
     host, _, port = endpoint.rpartition(":")
@@ -117,8 +128,8 @@ def run_node(cfg_dict: dict[str, Any], endpoint: str, run_id: str, min_nodes: in
                                   min_nodes=min_nodes, max_nodes=max_nodes, **configs)
     handler = rdzv_registry.get_rendezvous_handler(params)
     # Workers use the rendezvous store (namespaced per round) for their process groups.
-    spec = WorkerSpec(role="trainer", local_world_size=nproc_per_node, entrypoint=train_process,
-                      args=(cfg_dict, False), rdzv_handler=handler, max_restarts=max_restarts,
+    spec = WorkerSpec(role="trainer", local_world_size=nproc_per_node, entrypoint=exit_when_preempted,
+                      args=(train_process, cfg_dict, False), rdzv_handler=handler, max_restarts=max_restarts,
                       monitor_interval=0.1, master_addr=host, master_port=int(port))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # No store shared from the first round's rank-0 agent: that agent may leave, and torch 2.13
@@ -137,8 +148,8 @@ def run_node(cfg_dict: dict[str, Any], endpoint: str, run_id: str, min_nodes: in
         handler.shutdown()  # the job is done: close the rendezvous for good
     else:
         _leave(handler)
-    return {"ok": ok, "left": agent.left, "results": result.return_values if ok else {},
-            "failures": failures}
+    return {"ok": ok, "left": agent.left, "preempted": agent.preempted,
+            "results": result.return_values if ok else {}, "failures": failures}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,13 +194,27 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.standby + ".ready").touch()
             while not Path(args.standby).exists():
                 time.sleep(0.02)
-    out = run_node(cfg.to_dict(), args.rdzv_endpoint, args.rdzv_id, e.min_nodes, e.max_nodes,
-                   args.nproc_per_node, e.max_restarts, not args.store_hosted_elsewhere,
-                   e.rdzv_last_call_s, e.rdzv_join_timeout_s, e.keep_alive_s, before_join=standby)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from plait.elastic.preemption import PREEMPTED_EXIT_CODE
+
+    try:
+        out = run_node(cfg.to_dict(), args.rdzv_endpoint, args.rdzv_id, e.min_nodes, e.max_nodes,
+                       args.nproc_per_node, e.max_restarts, not args.store_hosted_elsewhere,
+                       e.rdzv_last_call_s, e.rdzv_join_timeout_s, e.keep_alive_s, before_join=standby)
+    except SignalException as exc:
+        # torch's agent passed the signal on to this node's workers (they checkpoint, see
+        # plait.elastic.preemption) and stopped them; torchrun would exit 1 here, which a
+        # scheduler cannot tell from a crash.
+        log.warning("stopped by %s: exiting with code %d so that the job is requeued",
+                    signal.Signals(exc.sigval).name, PREEMPTED_EXIT_CODE)
+        return PREEMPTED_EXIT_CODE
     if args.result:
         tmp = Path(args.result + ".tmp")
         tmp.write_text(json.dumps(out, default=str))
         os.replace(tmp, args.result)
+    if out["preempted"]:
+        return PREEMPTED_EXIT_CODE
     return 0 if out["ok"] else 1
 
 

@@ -1,0 +1,118 @@
+"""Preemption seen from outside: a scheduler signals the launcher (`plait train --nproc`, or
+plait's elastic agent, the torchrun replacement for clusters) or one worker; the workers
+checkpoint and the command exits with code 75, so the job is requeued rather than counted as
+failed. (torchrun itself exits 1 when it is signalled.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from plait.train import checkpoint as ck
+from plait.train.metrics import read_metrics
+from tests.helpers import tiny_text
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds workers in /proc (Linux)")
+
+DEADLINE_S = 120
+
+
+def _config(tmp_path: Path) -> Path:
+    (tmp_path / "corpus.txt").write_text(tiny_text())
+    path = tmp_path / "job.toml"
+    path.write_text(f"""
+[model]
+n_layer = 1
+n_head = 2
+n_embd = 16
+block_size = 16
+[data]
+path = "{tmp_path / 'corpus.txt'}"
+val_fraction = 0.1
+[train]
+steps = 100000
+micro_batch_size = 2
+eval_interval = 0
+log_interval = 1
+device = "cpu"
+out_dir = "{tmp_path / 'run'}"
+[checkpoint]
+resume = "none"
+interval = 0
+""")
+    return path
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _workers(pid: int) -> list[int]:
+    return [c for c in _children(pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()
+            and b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def _run_and_signal(cmd: list[str], tmp_path: Path, target: str) -> tuple[int, str, float]:
+    """Start `cmd`, wait until it has trained a few steps, send SIGTERM to the launcher or to one
+    worker; returns (exit code, stderr, seconds from the signal to the exit)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while not (read_metrics(tmp_path / "run") and len(_workers(proc.pid)) == 2):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        victim = proc.pid if target == "launcher" else _workers(proc.pid)[-1]
+        os.kill(victim, signal.SIGTERM)
+        sent = time.monotonic()
+        _, err = proc.communicate(timeout=DEADLINE_S)
+        return proc.returncode, err, time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _checkpointed_where_it_stopped(tmp_path: Path) -> None:
+    newest = ck.latest_valid_checkpoint(tmp_path / "run" / "checkpoints")
+    assert newest is not None, "no checkpoint was written"
+    assert ck.checkpoint_step(newest) >= read_metrics(tmp_path / "run")[-1]["step"]
+
+
+@pytest.mark.parametrize("target", ["launcher", "worker"])
+def test_plait_train_exits_75_after_the_workers_checkpoint(tmp_path, target):
+    cmd = [sys.executable, "-m", "plait.cli", "train", str(_config(tmp_path)), "--nproc", "2"]
+    code, err, took = _run_and_signal(cmd, tmp_path, target)
+    assert code == 75, err
+    assert "newest checkpoint" in err and "Traceback" not in err
+    assert took < 20, f"{took:.1f} s from the signal to the exit"  # not torch's 30 s grace
+    _checkpointed_where_it_stopped(tmp_path)
+
+
+def test_the_elastic_agent_exits_75_when_signalled(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "plait.elastic.agent", str(_config(tmp_path)), "--nnodes", "1",
+           "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "preempt-test"]
+    code, err, took = _run_and_signal(cmd, tmp_path, "launcher")
+    assert code == 75, err
+    assert took < 20, f"{took:.1f} s from the signal to the exit"
+    _checkpointed_where_it_stopped(tmp_path)
