@@ -18,6 +18,7 @@ stream (SSE): prompts of 8-64 characters, 16-64 new tokens, greedy.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import random
@@ -170,6 +171,18 @@ async def unloaded(url: str, requests: list[tuple[str, int]]) -> dict:
         return summary(results, time.perf_counter() - t0)
 
 
+def measured(loop: asyncio.AbstractEventLoop, phase) -> dict:
+    """Run one phase with this process's garbage collector off (collected before): a full
+    collection of the load generator's objects takes 40-100 ms here, and one falling inside a
+    phase would stall every stream it reads, on a client that shares the server's two cores."""
+    gc.collect()
+    gc.disable()
+    try:
+        return loop.run_until_complete(phase)
+    finally:
+        gc.enable()
+
+
 def main() -> None:
     ap = benchmark_parser(__doc__, "fewer requests per phase (under a minute)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server (default 1)")
@@ -181,16 +194,16 @@ def main() -> None:
     try:
         loop = asyncio.new_event_loop()
         loop.run_until_complete(unloaded(url, make_requests(4, seed=99)))  # warm-up
-        base = loop.run_until_complete(unloaded(url, make_requests(n_unloaded, seed=1)))
-        burst = loop.run_until_complete(scenario(url, make_requests(n_burst, seed=2), None, limit_s))
+        base = measured(loop, unloaded(url, make_requests(n_unloaded, seed=1)))
+        burst = measured(loop, scenario(url, make_requests(n_burst, seed=2), None, limit_s))
         saturation = (burst["requests"] - burst["failures"]) / burst["wall_s"]
         levels = {}
         for i, fraction in enumerate((0.5, 0.8)):
             rate = fraction * saturation
             rng = random.Random(10 + i)
             gaps = [rng.expovariate(rate) for _ in range(n_open)]
-            levels[f"{fraction}x"] = {"rate_per_s": rate, **loop.run_until_complete(
-                scenario(url, make_requests(n_open, seed=3 + i), gaps, limit_s))}
+            levels[f"{fraction}x"] = {"rate_per_s": rate, **measured(
+                loop, scenario(url, make_requests(n_open, seed=3 + i), gaps, limit_s))}
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
     finally:
