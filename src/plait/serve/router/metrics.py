@@ -35,6 +35,8 @@ class RouterMetrics:
                                 registry=r)
         self.retries = Counter("plait_router_retries", "Requests (or the rest of a stream) sent again to "
                                "another replica after theirs failed", registry=r)
+        self.busy_retries = Counter("plait_router_busy_retries", "Requests sent to another replica after "
+                                    "one answered 429 (its queue full)", registry=r)
         self.replica_starts = Counter("plait_router_replica_starts", "Replica processes started", registry=r)
         self.replica_failures = Counter("plait_router_replica_failures", "Replicas that died or stopped "
                                         "answering (each is replaced)", registry=r)

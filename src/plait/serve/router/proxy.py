@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 import httpx
@@ -30,6 +30,7 @@ from plait.serve.router.replicas import NoReplicaError, Replica, ReplicaSet
 log = logging.getLogger(__name__)
 
 ACQUIRE_TIMEOUT_S = 300.0  # a request waits this long for a ready replica (a cold start included)
+RESUME_RETRY_S = 0.2  # the rest of a stream, refused by every replica as too busy, is sent again after this
 _PASS_HEADERS = ("content-type", "retry-after")
 
 
@@ -54,16 +55,26 @@ class Proxy:
         headers = {k: v for k, v in resp.headers.items() if k.lower() in _PASS_HEADERS}
         return Response(content, status_code=resp.status_code, headers=headers)
 
-    async def _acquire(self) -> Replica:
-        return await self.replicas.acquire(ACQUIRE_TIMEOUT_S)
+    async def _acquire(self, full: Collection[int] = ()) -> Replica:
+        return await self.replicas.acquire(ACQUIRE_TIMEOUT_S, exclude=full)
+
+    def _another_has_room(self, r: Replica, full: set[int]) -> bool:
+        """After replica `r` answered 429: whether another ready replica has not (yet)."""
+        full.add(r.id)
+        if self.replicas.has_ready(exclude=full):
+            self.metrics.busy_retries.inc()
+            return True
+        return False
 
     async def whole(self, body: bytes, request: Request) -> Response:
         """A non-streamed completion (or any body the router does not look into)."""
         self.metrics.requests.labels(kind="whole").inc()
         failed_at: float | None = None
-        for _ in range(self.config.max_attempts):
+        full: set[int] = set()  # replicas that answered 429: their queues are full
+        attempts = 0
+        while attempts < self.config.max_attempts:
             try:
-                r = await self._acquire()
+                r = await self._acquire(full)
             except NoReplicaError as exc:
                 return error(503, f"no replica can serve this request: {exc}", type_="server_error",
                              code="no_replica")
@@ -87,9 +98,12 @@ class Proxy:
                 self.replicas.suspect(r, exc)
                 self.metrics.retries.inc()
                 failed_at = failed_at or time.monotonic()
+                attempts += 1
                 continue
             finally:
                 self.replicas.release(r)
+            if resp.status_code == 429 and self._another_has_room(r, full):
+                continue
             return self._passthrough(resp, resp.content)
         return error(502, f"the request failed on {self.config.max_attempts} replicas in a row",
                      type_="server_error", code="replicas_failed")
@@ -116,11 +130,17 @@ class Proxy:
 
     async def _open(self, body: dict[str, Any], resuming: bool = False) -> tuple[Replica, httpx.Response] | Response:
         """Send `body` to a replica, trying others while connections fail. `resuming`: the rest
-        of a stream, whose failover is counted at its first event instead."""
+        of a stream, whose failover is counted at its first event instead.
+
+        A replica whose queue is full (429) passes the request on to another; when all are full, a
+        new request gets the 429, while the rest of a stream waits for room (it must not be lost)."""
         failed_at = None
-        for _ in range(self.config.max_attempts):
+        full: set[int] = set()  # replicas that answered 429
+        attempts = 0
+        deadline = time.monotonic() + ACQUIRE_TIMEOUT_S
+        while attempts < self.config.max_attempts:
             try:
-                r = await self._acquire()
+                r = await self._acquire(full)
             except NoReplicaError as exc:
                 return error(503, f"no replica can serve this request: {exc}", type_="server_error",
                              code="no_replica")
@@ -128,21 +148,31 @@ class Proxy:
                 req = self.client.build_request("POST", f"{r.url}/v1/completions", json=body,
                                                 headers=self.replicas.headers)
                 resp = await self.client.send(req, stream=True)
-                if resp.status_code == 503:
+                if resp.status_code in (429, 503):
                     content = await resp.aread()
                     await resp.aclose()
-                    if _engine_down(503, content):
+                    if _engine_down(resp.status_code, content):
                         raise _ReplicaDown(f"replica {r.id}'s engine process died")
-                    resp = httpx.Response(503, headers=resp.headers, content=content, request=req)
+                    resp = httpx.Response(resp.status_code, headers=resp.headers, content=content, request=req)
             except (httpx.TransportError, _ReplicaDown) as exc:
                 self.replicas.release(r)
                 self.replicas.suspect(r, exc)
                 self.metrics.retries.inc()
                 failed_at = failed_at or time.monotonic()
+                attempts += 1
                 continue
             except BaseException:
                 self.replicas.release(r)
                 raise
+            if resp.status_code == 429:
+                if self._another_has_room(r, full):
+                    self.replicas.release(r)
+                    continue
+                if resuming and time.monotonic() < deadline:
+                    self.replicas.release(r)
+                    await asyncio.sleep(RESUME_RETRY_S)
+                    full.clear()
+                    continue
             if failed_at is not None and not resuming:
                 self.metrics.record_failover(failed_at, "stream")
             return r, resp

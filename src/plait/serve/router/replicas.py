@@ -17,6 +17,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -337,15 +338,16 @@ class ReplicaSet:
 
     # --- routing ----------------------------------------------------------------------------
 
-    async def acquire(self, timeout: float) -> Replica:
-        """The ready replica with the fewest requests in flight (its count raised by one); waits
-        for one to be ready, starting one if the set is scaled to zero."""
+    async def acquire(self, timeout: float, exclude: Collection[int] = ()) -> Replica:
+        """The ready replica with the fewest requests in flight (its count raised by one), other
+        than those whose ids are in `exclude`; waits for one to be ready, starting one if the set
+        is scaled to zero."""
         deadline = time.monotonic() + timeout
         self.waiting += 1
         self._publish()
         try:
             while True:
-                r = self._pick()
+                r = self._pick(exclude)
                 if r is not None:
                     r.ongoing += 1
                     r.served += 1
@@ -364,8 +366,12 @@ class ReplicaSet:
             self.waiting -= 1
             self._publish()
 
-    def _pick(self) -> Replica | None:
-        ready = [r for r in self.replicas if r.state == "ready"]
+    def has_ready(self, exclude: Collection[int] = ()) -> bool:
+        """Whether a replica other than those in `exclude` is ready now."""
+        return self._pick(exclude) is not None
+
+    def _pick(self, exclude: Collection[int] = ()) -> Replica | None:
+        ready = [r for r in self.replicas if r.state == "ready" and r.id not in exclude]
         if not ready:
             return None
         # Fewest in flight; among equals the one that served least, so load spreads evenly.
