@@ -292,12 +292,13 @@ class ElasticJob:
         import time
 
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while any(p.poll() is None for p in self.nodes):
-            if deadline is not None and time.monotonic() > deadline:
-                self.close()
-                raise LaunchError(f"the elastic job did not finish within {timeout_s:g} s "
-                                  f"(node logs in {self.work_dir})")
-            time.sleep(0.1)
+        with self._forwarding_preemption():
+            while any(p.poll() is None for p in self.nodes):
+                if deadline is not None and time.monotonic() > deadline:
+                    self.close()
+                    raise LaunchError(f"the elastic job did not finish within {timeout_s:g} s "
+                                      f"(node logs in {self.work_dir})")
+                time.sleep(0.1)
         outcomes = self.outcomes()
         for out in outcomes:
             if out and out["ok"]:
@@ -318,6 +319,33 @@ class ElasticJob:
             failures = [RankFailure(i, f"node exited with code {p.returncode}", "", p.returncode)
                         for i, p in enumerate(self.nodes)]
         raise failure_error(failures)
+
+    @contextlib.contextmanager
+    def _forwarding_preemption(self) -> Iterator[None]:
+        """While waiting: SIGTERM or SIGUSR1 here is passed on to every node as SIGTERM (each node's
+        agent passes it to its workers, which checkpoint, and exits 75). Each node runs in a session
+        of its own, so a signal to this process alone would otherwise leave them running."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def forward(signum: int, frame: Any) -> None:
+            log.warning("%s received: passing SIGTERM on to the elastic nodes", signal.Signals(signum).name)
+            for p in self.nodes:
+                if p.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p.pid, signal.SIGTERM)
+
+        wanted = [getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)]
+        previous = {s: signal.signal(s, forward) for s in wanted}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
     def close(self) -> None:
         """End every node that still runs, with its workers."""

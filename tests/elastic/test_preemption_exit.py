@@ -116,3 +116,26 @@ def test_the_elastic_agent_exits_75_when_signalled(tmp_path):
     assert code == 75, err
     assert took < 20, f"{took:.1f} s from the signal to the exit"
     _checkpointed_where_it_stopped(tmp_path)
+
+
+def test_a_local_elastic_job_passes_the_signal_to_its_nodes_and_exits_75(tmp_path):
+    cmd = [sys.executable, "-m", "plait.cli", "train", str(_config(tmp_path)), "--elastic", "2:2", "--nproc", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while not read_metrics(tmp_path / "run"):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        nodes = _children(proc.pid)  # each node's agent runs in a session of its own
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=DEADLINE_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 75, err
+    assert nodes and not any(Path(f"/proc/{pid}").exists() and b"plait.elastic.agent" in
+                             Path(f"/proc/{pid}/cmdline").read_bytes() for pid in nodes), "a node outlived the job"
+    _checkpointed_where_it_stopped(tmp_path)
