@@ -27,7 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -171,7 +173,7 @@ async def unloaded(url: str, requests: list[tuple[str, int]]) -> dict:
         return summary(results, time.perf_counter() - t0)
 
 
-def measured(loop: asyncio.AbstractEventLoop, phase) -> dict:
+def measured(loop: asyncio.AbstractEventLoop, phase: Coroutine[Any, Any, dict]) -> dict:
     """Run one phase with this process's garbage collector off (collected before): a full
     collection of the load generator's objects takes 40-100 ms here, and one falling inside a
     phase would stall every stream it reads, on a client that shares the server's two cores."""

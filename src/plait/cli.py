@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from plait import __version__
-from plait.config import config_toml
+from plait.config import Config, config_toml
 from plait.errors import CheckpointError, ConfigError, PlaitError, PreemptedError
 
 console = Console(stderr=True)
@@ -86,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _preempted(cfg, what: str) -> int:
+def _preempted(cfg: Config, what: str) -> int:
     """Say where a preempted run stopped; its exit code (75) tells a scheduler to requeue it."""
     from plait.elastic.preemption import PREEMPTED_EXIT_CODE
     from plait.train.checkpoint import latest_valid_checkpoint

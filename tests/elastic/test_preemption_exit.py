@@ -61,9 +61,16 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _cmdline(pid: int) -> bytes:
+    """A process's command line; empty once it has exited."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _workers(pid: int) -> list[int]:
-    return [c for c in _children(pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()
-            and b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
+    return [c for c in _children(pid) if b"spawn_main" in _cmdline(c) and b"resource_tracker" not in _cmdline(c)]
 
 
 def _run_and_signal(cmd: list[str], tmp_path: Path, target: str) -> tuple[int, str, float]:
@@ -136,6 +143,5 @@ def test_a_local_elastic_job_passes_the_signal_to_its_nodes_and_exits_75(tmp_pat
             proc.kill()
             proc.communicate()
     assert proc.returncode == 75, err
-    assert nodes and not any(Path(f"/proc/{pid}").exists() and b"plait.elastic.agent" in
-                             Path(f"/proc/{pid}/cmdline").read_bytes() for pid in nodes), "a node outlived the job"
+    assert nodes and not any(b"plait.elastic.agent" in _cmdline(pid) for pid in nodes), "a node outlived the job"
     _checkpointed_where_it_stopped(tmp_path)
