@@ -1,4 +1,4 @@
-"""What the elastic tests share: a corpus of exactly one epoch's sequences, a seconds-long config,
+"""What the elastic tests share: a corpus of exactly one epoch's sequences, seconds-long configs,
 a reference run that changes world size on purpose (on the Gloo worker pool), and polling."""
 
 from __future__ import annotations
@@ -21,6 +21,35 @@ from tests.helpers import tiny_text
 
 SEQUENCES = 96  # training sequences: 8 steps of a global batch of 12 are one epoch
 STEPS = 8
+
+
+def cli_config(folder: Path, name: str, out: str, steps: int = 3, extra: str = "") -> str:
+    """A TOML config file for `plait train` (a tiny GPT on a generated corpus, no resume); its path.
+    `extra` is appended to its [checkpoint] section."""
+    text = folder / "corpus.txt"
+    if not text.exists():
+        text.write_text(tiny_text())
+    path = folder / name
+    path.write_text(f"""
+[model]
+n_layer = 1
+n_head = 2
+n_embd = 16
+block_size = 16
+[data]
+path = "{text}"
+val_fraction = 0.1
+[train]
+steps = {steps}
+micro_batch_size = 2
+eval_interval = 0
+log_interval = 1
+device = "cpu"
+out_dir = "{folder / out}"
+[checkpoint]
+resume = "none"
+{extra}""")
+    return str(path)
 
 
 def corpus(folder: Path, block_size: int = 16) -> Path:

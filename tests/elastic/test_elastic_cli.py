@@ -7,34 +7,7 @@ import pytest
 
 from plait.cli import main
 from plait.train.metrics import read_metrics
-from tests.helpers import tiny_text
-
-
-def _toml(tmp_path, name: str, out: str, steps: int = 3, extra: str = "") -> str:
-    corpus = tmp_path / "corpus.txt"
-    if not corpus.exists():
-        corpus.write_text(tiny_text())
-    path = tmp_path / name
-    path.write_text(f"""
-[model]
-n_layer = 1
-n_head = 2
-n_embd = 16
-block_size = 16
-[data]
-path = "{corpus}"
-val_fraction = 0.1
-[train]
-steps = {steps}
-micro_batch_size = 2
-eval_interval = 0
-log_interval = 1
-device = "cpu"
-out_dir = "{tmp_path / out}"
-[checkpoint]
-resume = "none"
-{extra}""")
-    return str(path)
+from tests.elastic.elastic_setup import cli_config
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -47,15 +20,15 @@ resume = "none"
     (["--nproc", "2", "--set", "elastic.timeout_s=0"], "elastic.timeout_s=0.0 must be > 0"),
 ])
 def test_train_elastic_refuses_bad_input_before_launch(tmp_path, capsys, argv, message):
-    cfg = _toml(tmp_path, "a.toml", "run")
+    cfg = cli_config(tmp_path, "a.toml", "run")
     assert main(["train", cfg, *argv]) == 2
     assert message in capsys.readouterr().err.replace("\n", " ")
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
 
 
 def test_multiplex_runs_two_jobs_on_one_process(tmp_path, capsys):
-    a = _toml(tmp_path, "a.toml", "a", steps=3)
-    b = _toml(tmp_path, "b.toml", "b", steps=5)
+    a = cli_config(tmp_path, "a.toml", "a", steps=3)
+    b = cli_config(tmp_path, "b.toml", "b", steps=5)
     assert main(["multiplex", a, b, "--nproc", "1", "--quantum", "2"]) == 0
     assert [r["step"] for r in read_metrics(tmp_path / "a")] == [1, 2, 3]
     assert [r["step"] for r in read_metrics(tmp_path / "b")] == [1, 2, 3, 4, 5]

@@ -16,37 +16,16 @@ import pytest
 
 from plait.train import checkpoint as ck
 from plait.train.metrics import read_metrics
-from tests.helpers import tiny_text
+from tests.elastic.elastic_setup import cli_config
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds workers in /proc (Linux)")
 
 DEADLINE_S = 120
 
 
-def _config(tmp_path: Path) -> Path:
-    (tmp_path / "corpus.txt").write_text(tiny_text())
-    path = tmp_path / "job.toml"
-    path.write_text(f"""
-[model]
-n_layer = 1
-n_head = 2
-n_embd = 16
-block_size = 16
-[data]
-path = "{tmp_path / 'corpus.txt'}"
-val_fraction = 0.1
-[train]
-steps = 100000
-micro_batch_size = 2
-eval_interval = 0
-log_interval = 1
-device = "cpu"
-out_dir = "{tmp_path / 'run'}"
-[checkpoint]
-resume = "none"
-interval = 0
-""")
-    return path
+def _config(tmp_path: Path) -> str:
+    """A run far longer than any test: it stops only on the signal."""
+    return cli_config(tmp_path, "job.toml", "run", steps=100000, extra="interval = 0")
 
 
 def _children(pid: int) -> list[int]:
@@ -103,7 +82,7 @@ def _checkpointed_where_it_stopped(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("target", ["launcher", "worker"])
 def test_plait_train_exits_75_after_the_workers_checkpoint(tmp_path, target):
-    cmd = [sys.executable, "-m", "plait.cli", "train", str(_config(tmp_path)), "--nproc", "2"]
+    cmd = [sys.executable, "-m", "plait.cli", "train", _config(tmp_path), "--nproc", "2"]
     code, err, took = _run_and_signal(cmd, tmp_path, target)
     assert code == 75, err
     assert "newest checkpoint" in err and "Traceback" not in err
@@ -117,7 +96,7 @@ def test_the_elastic_agent_exits_75_when_signalled(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "plait.elastic.agent", str(_config(tmp_path)), "--nnodes", "1",
+    cmd = [sys.executable, "-m", "plait.elastic.agent", _config(tmp_path), "--nnodes", "1",
            "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "preempt-test"]
     code, err, took = _run_and_signal(cmd, tmp_path, "launcher")
     assert code == 75, err
@@ -126,7 +105,7 @@ def test_the_elastic_agent_exits_75_when_signalled(tmp_path):
 
 
 def test_a_local_elastic_job_passes_the_signal_to_its_nodes_and_exits_75(tmp_path):
-    cmd = [sys.executable, "-m", "plait.cli", "train", str(_config(tmp_path)), "--elastic", "2:2", "--nproc", "2"]
+    cmd = [sys.executable, "-m", "plait.cli", "train", _config(tmp_path), "--elastic", "2:2", "--nproc", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:

@@ -89,7 +89,7 @@ class PromptChecker:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         ids = list(prompt)
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in ids):
+        if not self._in_vocabulary(ids):
             raise RequestError(f"prompt token ids must be integers in [0, {self.vocab_size})", "prompt")
         return ids
 
@@ -97,7 +97,7 @@ class PromptChecker:
         """`resume` as a list, or RequestError: token ids in the vocabulary, fewer than max_tokens,
         no end token (a stream that ended is not resumed)."""
         ids = list(resume)
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in ids):
+        if not self._in_vocabulary(ids):
             raise RequestError(f"plait.resume token ids must be integers in [0, {self.vocab_size})", "plait")
         if len(ids) >= params.max_tokens:
             raise RequestError(f"plait.resume holds {len(ids)} tokens; a request to resume has fewer "
@@ -105,6 +105,9 @@ class PromptChecker:
         if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id in ids:
             raise RequestError("plait.resume holds the end token: that stream is finished", "plait")
         return ids
+
+    def _in_vocabulary(self, ids: list[int]) -> bool:
+        return all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in ids)
 
 
 @dataclass
