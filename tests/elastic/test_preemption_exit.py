@@ -124,3 +124,32 @@ def test_a_local_elastic_job_passes_the_signal_to_its_nodes_and_exits_75(tmp_pat
     assert proc.returncode == 75, err
     assert nodes and not any(b"plait.elastic.agent" in _cmdline(pid) for pid in nodes), "a node outlived the job"
     _checkpointed_where_it_stopped(tmp_path)
+
+
+def test_nodes_of_a_killed_local_elastic_job_checkpoint_and_stop(tmp_path):
+    """SIGKILL (no chance to pass anything on) to `plait train --elastic`: its nodes, each in a
+    session of its own, do not train on alone. Their agents lose the rendezvous store the launcher
+    hosted and stop their workers with SIGTERM, on which the workers checkpoint."""
+    cmd = [sys.executable, "-m", "plait.cli", "train", _config(tmp_path), "--elastic", "2:2", "--nproc", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    nodes: list[int] = []
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while not read_metrics(tmp_path / "run"):
+            assert proc.poll() is None, "plait train exited before training"
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        nodes = [pid for pid in _children(proc.pid) if b"plait.elastic.agent" in _cmdline(pid)]
+        assert len(nodes) == 2
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 60
+        while any(b"plait.elastic.agent" in _cmdline(pid) for pid in nodes):
+            assert time.monotonic() < deadline, "the nodes outlived their launcher by 60 s"
+            time.sleep(0.2)
+    finally:
+        for pid in nodes:
+            if b"plait.elastic.agent" in _cmdline(pid):
+                os.killpg(pid, signal.SIGKILL)
+    _checkpointed_where_it_stopped(tmp_path)
