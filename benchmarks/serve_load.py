@@ -13,9 +13,9 @@ stream (SSE): prompts of 8-64 characters, 16-64 new tokens, greedy.
    requests (any status but 200, an error event or a stream that ends early).
 
 The three phases run `--repeats` times (default 3) against the same server, the same requests
-each time with the open loop's arrival times seeded apart; the reported ratio is the median of the repeats' ratios, the table shows the median repeat.
-500 arrivals per load level put five first tokens above the p99 (with 150, the p99 was the
-second-slowest and moved a run's ratio by ±0.5).
+each time with the open loop's arrival times seeded apart; the reported ratio is the median of the
+repeats' ratios, the table shows the median repeat. 500 arrivals per load level put five first
+tokens above the p99 (with 150, the p99 was the second-slowest and moved a run's ratio by ±0.5).
 
     python benchmarks/serve_load.py [--quick] [--repeats N] [--json benchmarks/results/serve_load.json]
 """

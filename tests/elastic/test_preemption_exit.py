@@ -10,7 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,21 +50,34 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+def _nodes(pid: int) -> list[int]:
+    return [c for c in _children(pid) if b"plait.elastic.agent" in _cmdline(c)]
+
+
 def _workers(pid: int) -> list[int]:
     return [c for c in _children(pid) if b"spawn_main" in _cmdline(c) and b"resource_tracker" not in _cmdline(c)]
+
+
+def _start_training(cmd: list[str], tmp_path: Path, ready: Callable[[int], bool] = lambda pid: True,
+                    **popen: Any) -> subprocess.Popen:
+    """Start `cmd` and return once it has trained a step and `ready(its pid)` holds."""
+    proc = subprocess.Popen(cmd, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **popen)
+    deadline = time.monotonic() + DEADLINE_S
+    while not (read_metrics(tmp_path / "run") and ready(proc.pid)):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out = proc.communicate()
+            raise AssertionError(f"training did not start (exit code {proc.returncode}): {out}")
+        time.sleep(0.2)
+    return proc
 
 
 def _run_and_signal(cmd: list[str], tmp_path: Path, target: str) -> tuple[int, str, float]:
     """Start `cmd`, wait until it has trained a few steps, send SIGTERM to the launcher or to one
     worker; returns (exit code, stderr, seconds from the signal to the exit)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = _start_training(cmd, tmp_path, lambda pid: len(_workers(pid)) == 2,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + DEADLINE_S
-        while not (read_metrics(tmp_path / "run") and len(_workers(proc.pid)) == 2):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "training did not start"
-            time.sleep(0.2)
         victim = proc.pid if target == "launcher" else _workers(proc.pid)[-1]
         os.kill(victim, signal.SIGTERM)
         sent = time.monotonic()
@@ -106,14 +121,8 @@ def test_the_elastic_agent_exits_75_when_signalled(tmp_path):
 
 def test_a_local_elastic_job_passes_the_signal_to_its_nodes_and_exits_75(tmp_path):
     cmd = [sys.executable, "-m", "plait.cli", "train", _config(tmp_path), "--elastic", "2:2", "--nproc", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = _start_training(cmd, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + DEADLINE_S
-        while not read_metrics(tmp_path / "run"):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "training did not start"
-            time.sleep(0.2)
         nodes = _children(proc.pid)  # each node's agent runs in a session of its own
         os.kill(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=DEADLINE_S)
@@ -131,17 +140,10 @@ def test_nodes_of_a_killed_local_elastic_job_checkpoint_and_stop(tmp_path):
     session of its own, do not train on alone. Their agents lose the rendezvous store the launcher
     hosted and stop their workers with SIGTERM, on which the workers checkpoint."""
     cmd = [sys.executable, "-m", "plait.cli", "train", _config(tmp_path), "--elastic", "2:2", "--nproc", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    nodes: list[int] = []
+    proc = _start_training(cmd, tmp_path, lambda pid: len(_nodes(pid)) == 2,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    nodes = _nodes(proc.pid)
     try:
-        deadline = time.monotonic() + DEADLINE_S
-        while not read_metrics(tmp_path / "run"):
-            assert proc.poll() is None, "plait train exited before training"
-            assert time.monotonic() < deadline, "training did not start"
-            time.sleep(0.2)
-        nodes = [pid for pid in _children(proc.pid) if b"plait.elastic.agent" in _cmdline(pid)]
-        assert len(nodes) == 2
         proc.kill()
         proc.wait()
         deadline = time.monotonic() + 60
