@@ -18,7 +18,7 @@ import pytest
 
 from plait.train import checkpoint as ck
 from plait.train.metrics import read_metrics
-from tests.elastic.elastic_setup import cli_config
+from tests.elastic.elastic_setup import cli_config, wait_for
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds workers in /proc (Linux)")
 
@@ -51,7 +51,11 @@ def _cmdline(pid: int) -> bytes:
 
 
 def _nodes(pid: int) -> list[int]:
-    return [c for c in _children(pid) if b"plait.elastic.agent" in _cmdline(c)]
+    return _alive_agents(_children(pid))
+
+
+def _alive_agents(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if b"plait.elastic.agent" in _cmdline(pid)]
 
 
 def _workers(pid: int) -> list[int]:
@@ -62,13 +66,12 @@ def _start_training(cmd: list[str], tmp_path: Path, ready: Callable[[int], bool]
                     **popen: Any) -> subprocess.Popen:
     """Start `cmd` and return once it has trained a step and `ready(its pid)` holds."""
     proc = subprocess.Popen(cmd, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **popen)
-    deadline = time.monotonic() + DEADLINE_S
-    while not (read_metrics(tmp_path / "run") and ready(proc.pid)):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            out = proc.communicate()
-            raise AssertionError(f"training did not start (exit code {proc.returncode}): {out}")
-        time.sleep(0.2)
+    try:
+        wait_for("training to start", lambda: read_metrics(tmp_path / "run") and ready(proc.pid), DEADLINE_S,
+                 every=0.2, while_alive=lambda: proc.poll() is None)
+    except AssertionError as exc:
+        proc.kill()
+        raise AssertionError(f"{exc} (exit code {proc.wait()}): {proc.communicate()}") from None
     return proc
 
 
@@ -131,7 +134,7 @@ def test_a_local_elastic_job_passes_the_signal_to_its_nodes_and_exits_75(tmp_pat
             proc.kill()
             proc.communicate()
     assert proc.returncode == 75, err
-    assert nodes and not any(b"plait.elastic.agent" in _cmdline(pid) for pid in nodes), "a node outlived the job"
+    assert nodes and not _alive_agents(nodes), "a node outlived the job"
     _checkpointed_where_it_stopped(tmp_path)
 
 
@@ -146,12 +149,8 @@ def test_nodes_of_a_killed_local_elastic_job_checkpoint_and_stop(tmp_path):
     try:
         proc.kill()
         proc.wait()
-        deadline = time.monotonic() + 60
-        while any(b"plait.elastic.agent" in _cmdline(pid) for pid in nodes):
-            assert time.monotonic() < deadline, "the nodes outlived their launcher by 60 s"
-            time.sleep(0.2)
+        wait_for("the nodes to stop after their launcher", lambda: not _alive_agents(nodes), 60, every=0.2)
     finally:
-        for pid in nodes:
-            if b"plait.elastic.agent" in _cmdline(pid):
-                os.killpg(pid, signal.SIGKILL)
+        for pid in _alive_agents(nodes):
+            os.killpg(pid, signal.SIGKILL)
     _checkpointed_where_it_stopped(tmp_path)
