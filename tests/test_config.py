@@ -107,6 +107,24 @@ def test_cross_strategy_rules_fail_before_any_process_starts(parallel, message):
         validate(cfg, world_size=4)
 
 
+@pytest.mark.parametrize("sections,message", [
+    ({"train": {"compile_backend": "tvm"}}, "train.compile_backend='tvm' is invalid"),
+    ({"train": {"compile_mode": "fast"}}, "train.compile_mode='fast' is invalid"),
+    ({"train": {"compile_backend": "aot_eager", "compile_mode": "max-autotune"}},
+     "train.compile_mode='max-autotune' is a mode of the inductor backend"),
+    ({"train": {"compile": True}, "parallel": {"tp": 2}}, "train.compile = true cannot be combined with parallel.tp=2"),
+    ({"train": {"compile": True}, "parallel": {"pp": 2}}, "train.compile = true cannot be combined with parallel.pp=2"),
+    ({"train": {"compile": True}, "parallel": {"zero": 3}}, "parallel.zero=3"),
+    ({"train": {"compile": True}, "parallel": {"recompute": "full"}}, "parallel.recompute='full'"),
+    ({"train": {"compile": True}, "model": {"arch": "mlp"}}, "model.arch='mlp'"),
+])
+def test_compile_refuses_what_it_cannot_compile(sections, message):
+    cfg = Config.from_dict({"model": {"n_head": 4, **sections.get("model", {})},
+                            **{k: v for k, v in sections.items() if k != "model"}})
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        validate(cfg, world_size=4)
+
+
 def test_every_combination_rule_names_known_options():
     from plait.config import COMBINATION_RULES, ParallelConfig, _on
     for option, other, kind, why in COMBINATION_RULES:

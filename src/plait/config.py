@@ -77,6 +77,11 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"
+    # torch.compile the whole model (forward, and the backward AOTAutograd derives from it); for
+    # layouts whose forward is the plain model's (tp = pp = 1, zero ≤ 2; see validate_compile).
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's backend: inductor, aot_eager or eager
+    compile_mode: str = "default"  # inductor's mode: default, reduce-overhead, max-autotune, ...
     out_dir: str = "runs/default"
 
 
@@ -480,6 +485,8 @@ def _coerce(value: Any, kind: type, name: str) -> Any:
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCALINGS = ("none", "linear", "sqrt")
 DTYPES = ("auto", "float32", "bfloat16")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 REDUCERS = ("bucketed", "naive")
 CHECKPOINT_FORMATS = ("gathered", "sharded")
 
@@ -549,6 +556,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     validate_fl(cfg)
     validate_profile(cfg, world_size)
     validate_freeze_cache(cfg)
+    validate_compile(cfg)
     validate_distill(cfg)
     validate_elastic(cfg)
     validate_tune(cfg)
@@ -936,6 +944,33 @@ def validate_freeze_cache(cfg: Config) -> None:
                              "with dropout the frozen blocks' outputs differ on every pass")
     _check(p.tp == 1, f"train.freeze_cache = true is not combined with parallel.tp={p.tp} in this "
                       "version; use tp = 1 or freeze_cache = false")
+
+
+def validate_compile(cfg: Config) -> None:
+    """train.compile: one graph of the plain model's forward, so only where the layout leaves that
+    forward as it is (strategies that hook into it run their own communication inside it)."""
+    t, p = cfg.train, cfg.parallel
+    _check(t.compile_backend in COMPILE_BACKENDS, f"train.compile_backend={t.compile_backend!r} is "
+           f"invalid; valid: {', '.join(COMPILE_BACKENDS)}")
+    _check(t.compile_mode in COMPILE_MODES, f"train.compile_mode={t.compile_mode!r} is invalid; valid: "
+           f"{', '.join(COMPILE_MODES)}")
+    _check(t.compile_mode == "default" or t.compile_backend == "inductor",
+           f"train.compile_mode={t.compile_mode!r} is a mode of the inductor backend; with "
+           f"train.compile_backend={t.compile_backend!r} leave it at \"default\"")
+    if not t.compile:
+        return
+    _check(cfg.model.arch == "gpt", f"train.compile = true compiles GPT models; model.arch={cfg.model.arch!r}")
+    for name, value, neutral in (("parallel.tp", p.tp, 1), ("parallel.pp", p.pp, 1),
+                                 ("parallel.ps.servers", p.ps.servers, 0),
+                                 ("parallel.recompute", p.recompute, "none"),
+                                 ("train.freeze_cache", t.freeze_cache, False),
+                                 ("distill.teacher", cfg.distill.teacher, ""),
+                                 ("profile.slow_rank", cfg.profile.slow_rank, -1)):
+        _check(value == neutral, f"train.compile = true cannot be combined with {name}={value!r} in this "
+                                 f"version (it changes the model's forward); leave it at {neutral!r} or "
+                                 "set train.compile = false")
+    _check(p.zero <= 2, f"train.compile = true cannot be combined with parallel.zero={p.zero} (stage 3 "
+                        "gathers parameters inside the forward); use zero ≤ 2 or train.compile = false")
 
 
 def validate_distill(cfg: Config) -> None:

@@ -30,6 +30,7 @@ from plait.parallel import ParallelModel, parallelize
 from plait.profile.phases import DATA, OPTIMIZER
 from plait.profile.session import PerfSession, prepare_model
 from plait.train.checkpoint import load_checkpoint, newest_valid_checkpoint, save_checkpoint, set_aside
+from plait.train.compile import compile_model
 from plait.train.durability import Durability
 from plait.train.metrics import MetricsWriter, device_peak_flops, mfu
 from plait.optim import lr_at, scaled_schedule
@@ -88,6 +89,8 @@ class Trainer:
         # The [profile] testing slow-down, and pipeline stage speeds on uneven hardware.
         prepared = prepare_model(model, cfg, mesh)
         self.model: ParallelModel = parallelize(model, mesh, prepared.parallel)
+        if t.compile:  # in place, after the layout's hooks: same parameters, same checkpoint keys
+            compile_model(self.model.module, t)
         self.optimizer = self.model.build_optimizer(t)
         # [checkpoint]: sharded saves, in-memory snapshots, preemption (collective set-up).
         self.durability = Durability(cfg, mesh, self.model, self.optimizer)
