@@ -8,7 +8,7 @@ request at a time, and in padded static batches of 8 and of 32 (left-padded prom
 running until its longest request is done; only each request's own tokens are counted). Same
 model, same threads, variants alternated round by round; medians of the rounds' wall times.
 
-    python benchmarks/serve_vs_hf.py [--quick] [--json benchmarks/results/serve_vs_hf.json]
+    python benchmarks/serve_vs_hf.py [--quick] [--device cuda] [--json benchmarks/results/serve_vs_hf.json]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import benchmark_parser, median, print_table, round_order, write_json  # noqa: E402
+from common import benchmark_parser, machine, median, print_table, round_order, write_json  # noqa: E402
 from plait.config import ModelConfig  # noqa: E402
 from plait.models import GPT  # noqa: E402
 from plait.models.hf_gpt2 import save_hf_gpt2  # noqa: E402
@@ -41,6 +41,7 @@ def make_requests(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
 def hf_batches(hf, requests, batch: int) -> list[list[int]]:
     """Greedy outputs of `requests` through HF generate in padded static batches of `batch`."""
     outs = []
+    device = next(hf.parameters()).device
     for s in range(0, len(requests), batch):
         group = requests[s:s + batch]
         width = max(len(p) for p, _ in group)
@@ -50,6 +51,7 @@ def hf_batches(hf, requests, batch: int) -> list[list[int]]:
         for r, (p, _) in enumerate(group):  # left padding: every prompt ends where generation starts
             ids[r, width - len(p):] = torch.tensor(p)
             mask[r, width - len(p):] = 1
+        ids, mask = ids.to(device), mask.to(device)
         with torch.no_grad():
             gen = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
                               do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -61,6 +63,8 @@ def main() -> None:
     ap = benchmark_parser(__doc__, "two rounds on 16 requests (under a minute)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both sides (default 1)")
     ap.add_argument("--rounds", type=int, default=0, help="rounds (default 5, --quick 2)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="where both sides run (default cpu; every output is read back, so each timing ends synchronised)")
     args = ap.parse_args()
     import transformers
 
@@ -74,8 +78,8 @@ def main() -> None:
     torch.manual_seed(0)
     folder = tempfile.mkdtemp(prefix="serve_vs_hf-")
     save_hf_gpt2(GPT(ModelConfig(**MODEL)).eval(), folder)
-    hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
-    engine = Engine.from_path(folder, EngineConfig(max_seqs=32, prefill_chunk=64))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval().to(args.device)
+    engine = Engine.from_path(folder, EngineConfig(max_seqs=32, prefill_chunk=64), device=args.device)
     params = [SamplingParams(max_tokens=n, temperature=0) for _, n in requests]
 
     def run(name: str) -> list[list[int]]:
@@ -118,6 +122,7 @@ def main() -> None:
         "outputs_identical_to_hf_one_at_a_time": same,
         "rounds": rounds,
         "threads": args.threads,
+        "device": machine()["device"] if args.device == "cuda" else "cpu",
         "model": MODEL,
         "engine": {"max_seqs": 32, "prefill_chunk": 64, "row_quantum": engine.runner.quantum,
                    "span_quantum": engine.runner.span_quantum},
@@ -130,7 +135,7 @@ def main() -> None:
             for n in VARIANTS]
     header = ["variant", "wall s", "tokens/s", "plait / this", "CPU s", "plait / this (CPU)",
               "same tokens as HF 1-by-1"]
-    print_table(f"{n_requests} requests, {useful_tokens} generated tokens, {args.threads} thread(s), "
+    print_table(f"{n_requests} requests, {useful_tokens} generated tokens, {args.device}, {args.threads} thread(s), "
                 f"median of {rounds} rounds", header, rows)
 
 
