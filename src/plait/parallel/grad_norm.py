@@ -39,13 +39,17 @@ def clip_grad_norm_(pieces: list[GradPiece], max_norm: float, mesh: ParallelMesh
     layout only, never on data), so the all-reduces match across ranks.
     """
     keys = _layout_keys(mesh)
-    # Squares accumulate in float64, so the norm does not depend on the order a layout lists
-    # its pieces in (ZeRO by flat unit, plain data parallelism by parameter).
-    sums = torch.zeros(len(keys), dtype=torch.float64, device=mesh.device)
+    by_key: list[list[torch.Tensor]] = [[] for _ in keys]
     for piece in (p for p in pieces if p.counted):
         key = tuple(d for d in _DIMS if d in piece.split_over and mesh.size(d) > 1)
-        sums[keys.index(key)] += (
-            torch.linalg.vector_norm(piece.grad, dtype=torch.float32) ** 2)
+        by_key[keys.index(key)].append(piece.grad)
+    # One multi-tensor norm per split rather than a few kernels per gradient (a GPU step would
+    # launch hundreds). Squares accumulate in float64, so the norm does not depend on the order a
+    # layout lists its pieces in (ZeRO by flat unit, plain data parallelism by parameter).
+    zero = torch.zeros((), dtype=torch.float64, device=mesh.device)
+    sums = torch.stack([
+        torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double().square().sum() if grads else zero
+        for grads in by_key])
     for dim in _DIMS:  # nested sums over each named dimension: a sum over their product
         rows = [i for i, key in enumerate(keys) if dim in key]
         if rows and mesh.size(dim) > 1:
