@@ -103,3 +103,34 @@ def test_held_out_loss_falls(tmp_path):
     out = _single(cfg)
     assert out["losses"][-1] < out["losses"][0] - 1.0
     assert out["val"] < 4.0  # ln(256) ≈ 5.55 at the start
+
+
+def test_steps_that_run_ahead_of_the_host_settle_into_the_same_records(tmp_path, monkeypatch):
+    """The GPU bookkeeping, forced on the CPU: values stay tensors between logged steps and are
+    read back together; the history, the metrics file and the callbacks see what a step-by-step
+    run sees."""
+    from plait.data.dataset import load_token_splits
+    from plait.train.metrics import read_metrics
+    from plait.train.trainer import Callbacks
+
+    def run(name: str, ahead: bool) -> tuple[dict, list[dict], list[int]]:
+        monkeypatch.setattr(Trainer, "_steps_run_ahead", lambda self: ahead)
+        cfg = tiny_run_config(tmp_path, train={"steps": 7, "log_interval": 3, "eval_interval": 5,
+                                               "out_dir": str(tmp_path / name)}, checkpoint={"interval": 4})
+        train, val = load_token_splits(cfg.data.path, cfg.model.block_size, cfg.data.val_fraction)
+        seen: list[int] = []
+        trainer = Trainer(cfg, ParallelMesh.single(), train, val,
+                          Callbacks(on_step=lambda r: seen.append((r["step"], type(r["loss"])))))
+        return trainer.fit(), read_metrics(tmp_path / name), seen
+
+    plain, plain_file, plain_seen = run("plain", ahead=False)
+    ahead, ahead_file, ahead_seen = run("ahead", ahead=True)
+    for key in ("loss", "grad_norm", "lr"):
+        assert [h[key] for h in ahead["history"]] == [h[key] for h in plain["history"]], key
+    assert all(isinstance(h["loss"], float) and h["tokens_per_s"] > 0 for h in ahead["history"])
+    assert ahead_seen == plain_seen == [(s, float) for s in range(1, 8)]  # every step, in order, as floats
+    strip = lambda rows: [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k and k != "mfu"}
+                          for r in rows]  # noqa: E731
+    assert strip(ahead_file) == strip(plain_file)
+    assert [r["step"] for r in ahead_file] == [0, 3, 5, 6, 7]  # eval at 0; log every 3; eval at 5; the end
+    assert ahead["final_val_loss"] == plain["final_val_loss"]

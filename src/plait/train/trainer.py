@@ -295,8 +295,11 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step over grad_accum micro-batches; returns loss, lr and grad norm."""
+    def train_step(self, sync: bool = True) -> dict[str, Any]:
+        """One optimizer step over grad_accum micro-batches; returns loss, lr and grad norm.
+
+        `sync` False returns the loss and grad norm as 0-d device tensors instead of floats, so
+        that on a GPU the host does not wait for the step to finish (see :meth:`fit`)."""
         t = self.cfg.train
         lr = lr_at(self.step, self.schedule)
         monitor = self.batch_monitor
@@ -330,6 +333,9 @@ class Trainer:
                 loss *= self.perf.weight
             dist.all_reduce(loss, group=self.mesh.dp_group)
             loss /= self.mesh.dp_size
+        if not sync:
+            return {"loss": loss.detach(), "lr": lr, "grad_norm": norm.detach(), **self.model.step_metrics(),
+                    **elastic}
         return {"loss": loss.item(), "lr": lr, "grad_norm": float(norm), **self.model.step_metrics(),
                 **elastic}
 
@@ -353,6 +359,25 @@ class Trainer:
             dist.all_reduce(total, group=self.mesh.dp_group)
             total /= self.mesh.dp_size
         return total.item()
+
+    def _steps_run_ahead(self) -> bool:
+        """Whether fit leaves steps' values on the device between logged steps: on a GPU, unless
+        the elastic batch monitor reads every step's grad norm on the host anyway."""
+        return self.device.type == "cuda" and self.batch_monitor is None
+
+    def _finish(self, settled: list[tuple[dict[str, Any], bool]], history: list[dict[str, Any]]) -> None:
+        """Settled step records into MFU, the history, the metrics file (those that log) and the
+        on_step callback."""
+        for record, logged in settled:
+            if self.flops_per_token:
+                m = mfu(self.flops_per_token, record["tokens_per_s"], self.peak_flops, self.mesh.world_size)
+                if m is not None:
+                    record["mfu"] = m
+            history.append(record)
+            if logged:
+                self.metrics.write(record)
+            if self.mesh.is_main and self.callbacks.on_step:
+                self.callbacks.on_step(record)
 
     def fit(self, until: int | None = None) -> dict[str, Any]:
         """Train until `train.steps`; returns a summary (final losses, throughput).
@@ -381,33 +406,39 @@ class Trainer:
         self.durability.begin()
         t0 = time.perf_counter()
         start_step = self.step
+        # On a GPU, steps run ahead of the host: their loss and grad norm stay on the device until
+        # a step that logs, evaluates, checkpoints or ends settles them all in one transfer (a
+        # .item() per step would make the host wait for every step). On the CPU that wait costs
+        # nothing, and every step settles at once with its own time.
+        steps = _UnsettledSteps(tokens_per_step, ahead=self._steps_run_ahead())
         with self.perf.running():
             while self.step < stop:
                 with self.perf.step(self.step + 1):  # writing a trace stays out of dt
                     ts = time.perf_counter()
-                    out = self.train_step()
+                    out = self.train_step(sync=not steps.ahead)
                     dt = time.perf_counter() - ts
                 record = {"step": self.step, **out, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
                           **self.perf.after_step(self.step)}
-                m = (mfu(self.flops_per_token, record["tokens_per_s"], self.peak_flops, self.mesh.world_size)
-                     if self.flops_per_token else None)
-                if m is not None:
-                    record["mfu"] = m
-                if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
+                evaluated = bool(t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps))
+                save_now = bool(c.interval and self.step % c.interval == 0 and self.step < t.steps)
+                logged = (self.step % t.log_interval == 0 or evaluated or self.step == t.steps
+                          or "rank_busy_s" in record or "dp_split" in record)
+                steps.add(record, logged)
+                settled = (steps.settle() if not steps.ahead or logged or save_now or self.step == stop
+                           else [])
+                if evaluated:  # after settling: the held-out pass's time is no step's
                     last_val = self.evaluate()
                     record["val_loss"] = last_val
-                    if main and self.callbacks.on_eval:
-                        self.callbacks.on_eval(record)
-                history.append(record)
-                if (self.step % t.log_interval == 0 or "val_loss" in record or self.step == t.steps
-                        or "rank_busy_s" in record or "dp_split" in record):
-                    self.metrics.write(record)
-                if main and self.callbacks.on_step:
-                    self.callbacks.on_step(record)
-                if c.interval and self.step % c.interval == 0 and self.step < t.steps:
+                self._finish(settled, history)
+                if evaluated and main and self.callbacks.on_eval:
+                    self.callbacks.on_eval(record)
+                if save_now:
                     self.save()
+                if settled:
+                    steps.restart_clock()  # evaluation, callbacks and checkpoints are no step's time
                 if self.durability.after_step(self.step, self._rank_state):
                     break  # preempted: every rank checkpoints this step below, then stops
+        self._finish(steps.settle(), history)
         elapsed = time.perf_counter() - t0
         if self.step < t.steps and not self.durability.preempted:  # paused (until): no final checkpoint, the writers stay open
             return {"step": self.step, "history": history, "final_val_loss": last_val, "paused": True,
@@ -421,3 +452,35 @@ class Trainer:
         if main and self.callbacks.on_end:
             self.callbacks.on_end(summary)
         return summary
+
+
+class _UnsettledSteps:
+    """Step records whose loss and grad norm may still be device tensors (see Trainer.fit)."""
+
+    def __init__(self, tokens_per_step: int, ahead: bool):
+        self.tokens_per_step = tokens_per_step
+        self.ahead = ahead  # steps run ahead of the host (GPU); else every record is settled at once
+        self._records: list[tuple[dict[str, Any], bool]] = []
+        self._since = time.perf_counter()
+
+    def add(self, record: dict[str, Any], logged: bool) -> None:
+        self._records.append((record, logged))
+
+    def settle(self) -> list[tuple[dict[str, Any], bool]]:
+        """The records so far, as floats, emptied from here. Steps that ran ahead share their
+        window's time evenly: the host saw only when each was queued, not when it finished."""
+        records, self._records = self._records, []
+        now = time.perf_counter()
+        if self.ahead and records:
+            values = torch.stack([torch.stack([r["loss"].float(), r["grad_norm"].float()])
+                                  for r, _ in records]).tolist()  # one transfer for the window
+            per_step = (now - self._since) / len(records)
+            for (record, _), (loss, norm) in zip(records, values):
+                record.update(loss=loss, grad_norm=norm, step_time_s=per_step,
+                              tokens_per_s=self.tokens_per_step / per_step)
+        self._since = now
+        return records
+
+    def restart_clock(self) -> None:
+        """What the host does between settled steps (evaluation, checkpoints) is no step's time."""
+        self._since = time.perf_counter()
