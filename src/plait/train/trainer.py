@@ -470,15 +470,16 @@ class _UnsettledSteps:
         """The records so far, as floats, emptied from here. Steps that ran ahead share their
         window's time evenly: the host saw only when each was queued, not when it finished."""
         records, self._records = self._records, []
-        now = time.perf_counter()
         if self.ahead and records:
+            # One transfer for the window; it waits for the last step to finish, so the clock is
+            # read after it.
             values = torch.stack([torch.stack([r["loss"].float(), r["grad_norm"].float()])
-                                  for r, _ in records]).tolist()  # one transfer for the window
-            per_step = (now - self._since) / len(records)
+                                  for r, _ in records]).tolist()
+            per_step = (time.perf_counter() - self._since) / len(records)
             for (record, _), (loss, norm) in zip(records, values):
                 record.update(loss=loss, grad_norm=norm, step_time_s=per_step,
                               tokens_per_s=self.tokens_per_step / per_step)
-        self._since = now
+        self._since = time.perf_counter()
         return records
 
     def restart_clock(self) -> None:
