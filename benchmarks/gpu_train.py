@@ -221,7 +221,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _plait_side(size: Size, device: torch.device, compile_: bool, work_dir: Path
+def _plait_side(size: Size, device: torch.device, compile_: bool, work_dir: Path, loss_chunk_rows: int = 0
                 ) -> tuple[Callable[[], torch.Tensor], float, dict[str, Any]]:
     """plait's training path as `plait train` builds it, at world size 1: its `train_step` and
     the trainer's FLOPs per token."""
@@ -237,6 +237,8 @@ def _plait_side(size: Size, device: torch.device, compile_: bool, work_dir: Path
     has_compile = hasattr(TrainConfig(), "compile")
     if has_compile:
         extra["compile"] = compile_
+    if loss_chunk_rows:  # the fused head + cross-entropy (plait.models.fused_loss)
+        extra["loss_chunk_rows"] = loss_chunk_rows
     train = TrainConfig(steps=10_000, micro_batch_size=size.batch, grad_accum=1, lr=LR, min_lr=LR / 10,
                         warmup_steps=0, weight_decay=WEIGHT_DECAY, beta1=BETAS[0], beta2=BETAS[1],
                         grad_clip=GRAD_CLIP, eval_interval=0, log_interval=1_000_000, seed=SEED,
@@ -267,7 +269,7 @@ def _sync(device: torch.device) -> None:
 
 
 def run_one(side: str, size_name: str, device_name: str, compile_: bool, warmup: int, steps: int,
-            work_dir: Path) -> dict[str, Any]:
+            loss_chunk_rows: int, work_dir: Path) -> dict[str, Any]:
     """Build one side at one size, warm it up, time `steps` steps; the record the parent keeps."""
     from plait.train.metrics import device_peak_flops
 
@@ -285,7 +287,8 @@ def run_one(side: str, size_name: str, device_name: str, compile_: bool, warmup:
     if side == "reference":
         step, fpt = _reference_side(size, device, compile_)
     elif side == "plait":
-        step, fpt, info = _plait_side(size, device, compile_, work_dir)
+        step, fpt, info = _plait_side(size, device, compile_, work_dir, loss_chunk_rows)
+        info["loss_chunk_rows"] = loss_chunk_rows
     else:
         raise ValueError(f"side {side!r} is unknown; valid: {', '.join(SIDES)}")
     expected = flops_per_token(size)
@@ -472,6 +475,8 @@ def main() -> None:
                       help="torch.compile both sides (the default on CUDA)")
     comp.add_argument("--no-compile", dest="compile", action="store_false", help="both sides eager")
     ap.add_argument("--timeout-s", type=float, default=240.0, help="per child process")
+    ap.add_argument("--loss-chunk-rows", type=int, default=0,
+                    help="plait side: train.loss_chunk_rows, the fused head + cross-entropy (default 0: plain)")
     ap.add_argument("--budget-s", type=float,
                     help=f"start no child past this many seconds of the whole run, and cut a child's "
                          f"timeout to what is left (default {CUDA_BUDGET_S:.0f} on CUDA, to print the "
@@ -489,7 +494,8 @@ def main() -> None:
         else:
             with tempfile.TemporaryDirectory(prefix="gpu_train_") as tmp:  # used without --work-dir
                 work = Path(args.work_dir or tmp)
-                rec = run_one(args.one, args.size, args.device, compile_, args.warmup, steps, work)
+                rec = run_one(args.one, args.size, args.device, compile_, args.warmup, steps, args.loss_chunk_rows,
+                              work)
         print(RESULT_PREFIX + json.dumps(rec), flush=True)
         return
 
@@ -512,6 +518,7 @@ def main() -> None:
         "mfu_1p3b": None, "matmul_peak_tflops": None, "matmul": None,
         "sizes": {name: {"shape": asdict(SIZES[name])} for name in shown}}
     common_argv = ["--device", args.device, "--warmup", str(args.warmup), "--steps", str(steps),
+                   "--loss-chunk-rows", str(args.loss_chunk_rows),
                    "--compile" if compile_ else "--no-compile"]
     # A time limit's SIGTERM unwinds like Ctrl-C: the running child is killed, the table printed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))

@@ -117,8 +117,12 @@ def test_cross_strategy_rules_fail_before_any_process_starts(parallel, message):
     ({"train": {"compile": True}, "parallel": {"zero": 3}}, "parallel.zero=3"),
     ({"train": {"compile": True}, "parallel": {"recompute": "full"}}, "parallel.recompute='full'"),
     ({"train": {"compile": True}, "model": {"arch": "mlp"}}, "model.arch='mlp'"),
+    ({"train": {"loss_chunk_rows": -1}}, "train.loss_chunk_rows=-1 must be ≥ 0"),
+    ({"train": {"loss_chunk_rows": 64}, "parallel": {"tp": 2}}, "train.loss_chunk_rows=64 cannot be combined with parallel.tp=2"),
+    ({"train": {"loss_chunk_rows": 64}, "parallel": {"pp": 2}}, "train.loss_chunk_rows=64 cannot be combined with parallel.pp=2"),
+    ({"train": {"loss_chunk_rows": 64}, "parallel": {"zero": 3}}, "parallel.zero=3"),
 ])
-def test_compile_refuses_what_it_cannot_compile(sections, message):
+def test_compile_and_loss_chunks_refuse_what_they_cannot_run(sections, message):
     cfg = Config.from_dict({"model": {"n_head": 4, **sections.get("model", {})},
                             **{k: v for k, v in sections.items() if k != "model"}})
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):

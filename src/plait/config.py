@@ -82,6 +82,9 @@ class TrainConfig:
     compile: bool = False
     compile_backend: str = "inductor"  # torch.compile's backend: inductor, aot_eager or eager
     compile_mode: str = "default"  # inductor's mode: default, reduce-overhead, max-autotune, ...
+    # > 0: the GPT's output projection and cross-entropy run this many rows at a time, gradients
+    # formed in the same pass, so whole logits never exist (plait.models.fused_loss); 0: plain.
+    loss_chunk_rows: int = 0
     out_dir: str = "runs/default"
 
 
@@ -557,6 +560,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     validate_profile(cfg, world_size)
     validate_freeze_cache(cfg)
     validate_compile(cfg)
+    validate_loss_chunks(cfg)
     validate_distill(cfg)
     validate_elastic(cfg)
     validate_tune(cfg)
@@ -971,6 +975,25 @@ def validate_compile(cfg: Config) -> None:
                                  "set train.compile = false")
     _check(p.zero <= 2, f"train.compile = true cannot be combined with parallel.zero={p.zero} (stage 3 "
                         "gathers parameters inside the forward); use zero ≤ 2 or train.compile = false")
+
+
+def validate_loss_chunks(cfg: Config) -> None:
+    """train.loss_chunk_rows: the GPT's own head and loss, on whole (unsharded) logits rows."""
+    t, p = cfg.train, cfg.parallel
+    _check(t.loss_chunk_rows >= 0, f"train.loss_chunk_rows={t.loss_chunk_rows} must be ≥ 0 (0 = plain loss)")
+    if not t.loss_chunk_rows:
+        return
+    _check(cfg.model.arch == "gpt", f"train.loss_chunk_rows applies to GPT models; model.arch={cfg.model.arch!r}")
+    for name, value, neutral in (("parallel.tp", p.tp, 1), ("parallel.pp", p.pp, 1),
+                                 ("parallel.ps.servers", p.ps.servers, 0), ("fl.clients", cfg.fl.clients, 0),
+                                 ("train.freeze_cache", t.freeze_cache, False),
+                                 ("distill.teacher", cfg.distill.teacher, "")):
+        _check(value == neutral, f"train.loss_chunk_rows={t.loss_chunk_rows} cannot be combined with "
+                                 f"{name}={value!r} in this version (it needs the plain head and loss, or "
+                                 f"whole logits); leave it at {neutral!r} or set train.loss_chunk_rows = 0")
+    _check(p.zero <= 2, f"train.loss_chunk_rows={t.loss_chunk_rows} cannot be combined with "
+                        f"parallel.zero={p.zero} (stage 3 gathers the head's weight only for the head's own "
+                        "forward); use zero ≤ 2 or train.loss_chunk_rows = 0")
 
 
 def validate_distill(cfg: Config) -> None:

@@ -104,3 +104,11 @@ def test_compiled_training_on_the_gpu_matches_eager(tmp_path):
     compiled = run(config(tmp_path, "compiled", "cuda", compile=True), mesh)
     assert compiled["losses"] == pytest.approx(eager["losses"], abs=1e-4)
     assert max_abs_diff(compiled["params"], eager["params"]) < 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_loss_under_bf16_trains_like_the_plain_loss(tmp_path, device):
+    mesh = ParallelMesh.single(device)
+    plain = run(config(tmp_path, "plain", device, dtype="bfloat16", steps=10, lr=1e-2), mesh)
+    fused = run(config(tmp_path, "fused", device, dtype="bfloat16", steps=10, lr=1e-2, loss_chunk_rows=24), mesh)
+    assert fused["losses"] == pytest.approx(plain["losses"], abs=0.02)

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from plait.config import ModelConfig
+from plait.models.fused_loss import linear_cross_entropy
 from plait.models.layers import PipelineSpec
 
 
@@ -76,6 +77,9 @@ class GPT(nn.Module):
         self.head.weight = self.tok_emb.weight  # tied input and output embeddings
         # A module, so a parallel plan can swap in a loss that reads vocabulary-sharded logits.
         self.loss_fn = nn.CrossEntropyLoss()
+        # > 0: forward with targets projects and scores this many rows at a time and returns no
+        # logits (plait.models.fused_loss; train.loss_chunk_rows sets it).
+        self.loss_chunk_rows = 0
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
@@ -92,7 +96,8 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits of shape (B, T, vocab); with targets, (logits, mean cross-entropy loss)."""
+        """Logits of shape (B, T, vocab); with targets, (logits, mean cross-entropy loss), or
+        (None, loss) when `loss_chunk_rows` is set."""
         _, t = idx.shape
         if t > self.cfg.block_size:
             raise ValueError(f"sequence length {t} exceeds model.block_size={self.cfg.block_size}")
@@ -100,6 +105,10 @@ class GPT(nn.Module):
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         for block in self.blocks:
             x = block(x)
+        if targets is not None and self.loss_chunk_rows:
+            h = self.ln_f(x)
+            return None, linear_cross_entropy(h.reshape(-1, h.size(-1)), self.head.weight, targets.reshape(-1),
+                                              self.loss_chunk_rows)
         logits = self.head(self.ln_f(x))
         if targets is None:
             return logits

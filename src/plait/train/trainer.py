@@ -71,6 +71,8 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = build_model(cfg.model, t.seed).to(self.device)
+        if t.loss_chunk_rows:  # the GPT's head and loss fused over row chunks (no whole logits)
+            model.loss_chunk_rows = t.loss_chunk_rows
         if cfg.model.init_from:  # "hf:PATH": every rank starts from the same GPT-2 weights
             from plait.models.hf_gpt2 import load_hf_weights
             load_hf_weights(model, cfg.model.init_from.removeprefix("hf:"))
