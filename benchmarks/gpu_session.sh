@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything plait measures and checks on one GPU, in one call of about nine minutes, results
+# Everything plait measures and checks on one GPU, in one call of at most nine minutes, results
 # under $OUT (default /tmp/plait-gpu): the device, the CUDA-only test paths, the trainer against a
 # compiled reference (gpu_train.py), the serving engine against Hugging Face on the GPU.
 #
@@ -30,11 +30,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, output to $OUT/NAME.
     tail -n 25 "$OUT/$name.log"
 }
 
-step device 30 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, \
+step device 20 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, \
 torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))'"
-step cuda_tests 120 "$PY" -m pytest -q -p no:cacheprovider -rs tests/train/test_on_device.py \
+step cuda_tests 100 "$PY" -m pytest -q -p no:cacheprovider -rs tests/train/test_on_device.py \
     tests/parallel/pipeline/test_clock.py
-step gpu_train 400 "$PY" benchmarks/gpu_train.py --budget-s 360 --json "$OUT/gpu_train.json"
+step gpu_train 370 "$PY" benchmarks/gpu_train.py --budget-s 330 --json "$OUT/gpu_train.json"
 step serve_vs_hf_cuda 60 "$PY" benchmarks/serve_vs_hf.py --device cuda --quick --json "$OUT/serve_vs_hf_cuda.json"
 
 printf '%s\n' "${status[@]}" | tee "$OUT/summary.txt"
