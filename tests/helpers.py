@@ -1,12 +1,18 @@
-"""Small builders shared by tests: a tiny GPT config, a generated corpus, tensor comparison."""
+"""Small builders shared by tests: a tiny GPT config, a generated corpus, tensor comparison, a
+free loopback port and a process group of one."""
 
 from __future__ import annotations
 
+import contextlib
 import random
+import socket
+from typing import Iterator
 
 import torch
+import torch.distributed as dist
 
 from plait.config import Config, ModelConfig
+from plait.mesh import ParallelMesh
 
 WORDS = ("the model data rank gradient bucket tensor process step loss mesh layer token sample "
          "batch epoch reduce gather scatter parameter optimizer").split()
@@ -43,3 +49,26 @@ def tiny_run_config(tmp_path, **sections) -> Config:
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys(), f"different tensors: {sorted(set(a) ^ set(b))}"
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def world_of_one(monkeypatch, device: str) -> Iterator[ParallelMesh]:
+    """A real process group of one rank on `device` (NCCL on CUDA, Gloo on the CPU), as
+    `plait train --nproc 1` makes it; destroyed afterwards."""
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(k, v)
+    try:
+        mesh = ParallelMesh.from_env(device=device)
+        assert dist.get_backend() == ("nccl" if device == "cuda" else "gloo")
+        yield mesh
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

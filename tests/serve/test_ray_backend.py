@@ -3,25 +3,18 @@ answering the OpenAI client on 127.0.0.1 with the tokens the in-process engine g
 
 from __future__ import annotations
 
-import socket
-
 import httpx
 import pytest
 
 from plait.errors import ConfigError
 from plait.serve import Engine, EngineConfig, SamplingParams
 from plait.serve.ray_backend import autoscaling_config, start_ray
+from tests.helpers import free_port
 from tests.serve.support import API_KEY, write_run
 
 
 def engine_config() -> EngineConfig:
     return EngineConfig(max_seqs=4, prefill_chunk=16)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

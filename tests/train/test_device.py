@@ -3,15 +3,13 @@ exists (CPU tensors, Gloo)."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 
 from plait.errors import ConfigError
 from plait.launch import resolve_device
-from plait.mesh import ParallelMesh
+from tests.helpers import world_of_one
 
 
 def test_cuda_without_cuda_is_a_config_error(monkeypatch):
@@ -29,24 +27,11 @@ def test_cpu_is_honoured_where_cuda_exists(monkeypatch):
         resolve_device("tpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mesh_from_env_keeps_a_cpu_job_on_the_cpu_with_gloo(monkeypatch):
     """With CUDA present, from_env(device="cpu") must neither pick a GPU nor NCCL."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda *_: pytest.fail("a CPU job touched CUDA"))
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(_free_port())}.items():
-        monkeypatch.setenv(k, v)
     assert not dist.is_initialized()
-    try:
-        mesh = ParallelMesh.from_env(device="cpu")
+    with world_of_one(monkeypatch, "cpu") as mesh:
         assert mesh.device == torch.device("cpu")
         assert dist.get_backend() == "gloo"
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()

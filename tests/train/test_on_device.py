@@ -4,44 +4,17 @@ generator's state across a resume, compiled training with generated GPU kernels)
 
 from __future__ import annotations
 
-import contextlib
-import socket
-from typing import Iterator
-
 import pytest
 import torch
-import torch.distributed as dist
 
 from plait.config import Config
 from plait.data.dataset import load_token_splits
 from plait.mesh import ParallelMesh
 from plait.train.trainer import Trainer
-from tests.helpers import max_abs_diff, tiny_run_config
+from tests.helpers import max_abs_diff, tiny_run_config, world_of_one
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def world_of_one(monkeypatch, device: str) -> Iterator[ParallelMesh]:
-    """A real process group of one rank on `device` (NCCL on CUDA, Gloo on the CPU), as
-    `plait train --nproc 1` makes it."""
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(_free_port())}.items():
-        monkeypatch.setenv(k, v)
-    try:
-        mesh = ParallelMesh.from_env(device=device)
-        assert dist.get_backend() == ("nccl" if device == "cuda" else "gloo")
-        yield mesh
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def run(cfg: Config, mesh: ParallelMesh, until: int | None = None) -> dict:
