@@ -7,6 +7,7 @@ import torch
 
 from plait.config import Config
 from plait.data.dataset import load_token_splits
+from plait.errors import ConfigError
 from plait.mesh import ParallelMesh
 from plait.train.trainer import Trainer
 from tests.helpers import max_abs_diff, tiny_run_config
@@ -134,3 +135,18 @@ def test_steps_that_run_ahead_of_the_host_settle_into_the_same_records(tmp_path,
     assert strip(ahead_file) == strip(plain_file)
     assert [r["step"] for r in ahead_file] == [0, 3, 5, 6, 7]  # eval at 0; log every 3; eval at 5; the end
     assert ahead["final_val_loss"] == plain["final_val_loss"]
+
+
+@pytest.mark.parametrize("override,field", [
+    ({"train": {"lr": -1.0}}, "train.lr"),
+    ({"model": {"n_head": 3}}, "model.n_embd"),
+    ({"parallel": {"tp": 2}}, "parallel.tp=2"),
+    ({"parallel": {"dp": 2}}, "parallel.dp=2"),
+])
+def test_trainer_refuses_a_bad_config_before_building_anything(tmp_path, override, field):
+    """A library caller gets the CLI's ConfigError, naming the field, and nothing is written."""
+    cfg = tiny_run_config(tmp_path, **override)
+    train, val = load_token_splits(cfg.data.path, cfg.model.block_size, cfg.data.val_fraction)
+    with pytest.raises(ConfigError, match=field):
+        Trainer(cfg, ParallelMesh.single(), train, val)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

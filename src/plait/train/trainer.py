@@ -16,12 +16,12 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from plait.config import Config
+from plait.config import Config, validate
 from plait.data.dataset import TokenDataset
 from plait.data.sampler import ElasticSampler
 from plait.elastic.noise_scale import BatchMonitor
 from plait.elastic.samples import SampleLog
-from plait.errors import CheckpointError
+from plait.errors import CheckpointError, ConfigError
 from plait.mesh import ParallelMesh
 from plait.models.build import build_model
 from plait.parallel.memory.activation_cache import ActivationCache, cache_frozen_prefix
@@ -48,6 +48,18 @@ class Callbacks:
     on_end: Callable[[dict[str, Any]], None] | None = None
 
 
+def check_mesh(cfg: Config, mesh: ParallelMesh) -> None:
+    """Refuse a mesh whose pp or tp differs from the config's (the model would be split wrongly)."""
+    for dim in ("pp", "tp"):
+        wanted, got = getattr(cfg.parallel, dim), mesh.size(dim)
+        if wanted != got:
+            raise ConfigError(f"parallel.{dim}={wanted} but the mesh has {dim}={got}; "
+                              f"build the mesh with the config's sizes (ParallelMesh.build({dim}={wanted}))")
+    if cfg.parallel.dp not in (0, mesh.dp_size):
+        raise ConfigError(f"parallel.dp={cfg.parallel.dp} but the mesh has dp={mesh.dp_size}; "
+                          "set parallel.dp = 0 to take the mesh's size")
+
+
 def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     if cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device.type == "cuda"):
         return torch.bfloat16
@@ -60,6 +72,9 @@ class Trainer:
 
     def __init__(self, cfg: Config, mesh: ParallelMesh, train_data: TokenDataset,
                  val_data: TokenDataset, callbacks: Callbacks | None = None):
+        # The same checks the CLI makes, so a library caller gets the same ConfigError.
+        validate(cfg)
+        check_mesh(cfg, mesh)
         self.cfg = cfg
         self.mesh = mesh
         self.device = mesh.device
