@@ -18,6 +18,7 @@ import torch
 from plait.elastic.membership import read_rounds, read_workers
 from plait.elastic.samples import read_samples
 from plait.launch import ElasticJob
+from plait.train.checkpoint import checkpoint_step, list_checkpoints
 from plait.train.metrics import read_metrics
 from tests.elastic.elastic_setup import (
     SEQUENCES,
@@ -39,6 +40,12 @@ def _alive(job: ElasticJob):
 def _last_step(out_dir) -> int:
     records = read_metrics(out_dir)
     return records[-1]["step"] if records else 0
+
+
+def _last_checkpoint_step(out_dir) -> int:
+    """The step of the newest checkpoint folder (they appear whole, by rename)."""
+    folders = list_checkpoints(out_dir / "checkpoints")
+    return checkpoint_step(folders[-1]) if folders else 0
 
 
 def _check_epoch_once(out_dir) -> None:
@@ -63,7 +70,9 @@ def test_killed_worker_leaves_and_the_job_finishes_at_the_smaller_size(tmp_path,
     kill_after = random.Random().randint(2, 4)  # a random step of the 8
     victim = random.Random().choice([0, 1, 2])
     with ElasticJob(cfg, nodes=3, min_nodes=2, max_nodes=3, work_dir=tmp_path / "job") as job:
-        wait_for(f"step {kill_after}", lambda: _last_step(tmp_path / "run") >= kill_after,
+        # The checkpoint, not the metrics record: a step is logged before its checkpoint is
+        # written, and a kill between the two rightly resumes from the step before.
+        wait_for(f"step {kill_after}", lambda: _last_checkpoint_step(tmp_path / "run") >= kill_after,
                  JOB_TIMEOUT_S, while_alive=_alive(job))
         os.kill(read_workers(tmp_path / "run")[victim]["pid"], signal.SIGKILL)
         # Steps may have gone on between the check above and the kill (a loaded machine can
