@@ -40,7 +40,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig | None
     module-name patterns to tensor-parallel styles; see plait.parallel.tensor_parallel.plan.
     """
     cfg = cfg or dataclasses.replace(ParallelConfig(), pp=mesh.pp_size, tp=mesh.tp_size)
-    _check_layout(cfg, mesh)
+    check_mesh_sizes(cfg, mesh)
     check_parallel(cfg, dp=mesh.dp_size)
     if not any(p.requires_grad for p in model.parameters()):
         raise PlanError("the model has no trainable parameters; nothing to parallelize")
@@ -59,7 +59,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig | None
     return ParallelModel(model, mesh, reducer, tensor=tensor)
 
 
-def _check_layout(cfg: ParallelConfig, mesh: ParallelMesh) -> None:
+def check_mesh_sizes(cfg: ParallelConfig, mesh: ParallelMesh) -> None:
     """The config's sizes must be the mesh's: a tp=2 config on a 1-process mesh is an error."""
     for dim in ("dp", "pp", "tp"):
         want, have = getattr(cfg, dim), mesh.size(dim)

@@ -21,12 +21,13 @@ from plait.data.dataset import TokenDataset
 from plait.data.sampler import ElasticSampler
 from plait.elastic.noise_scale import BatchMonitor
 from plait.elastic.samples import SampleLog
-from plait.errors import CheckpointError, ConfigError
+from plait.errors import CheckpointError, ConfigError, PlanError
 from plait.mesh import ParallelMesh
 from plait.models.build import build_model
 from plait.parallel.memory.activation_cache import ActivationCache, cache_frozen_prefix
 from plait.parallel.memory.freeze import freeze_blocks
 from plait.parallel import ParallelModel, parallelize
+from plait.parallel.parallelize import check_mesh_sizes
 from plait.profile.phases import DATA, OPTIMIZER
 from plait.profile.session import PerfSession, prepare_model
 from plait.train.checkpoint import load_checkpoint, newest_valid_checkpoint, save_checkpoint, set_aside
@@ -48,18 +49,6 @@ class Callbacks:
     on_end: Callable[[dict[str, Any]], None] | None = None
 
 
-def check_mesh(cfg: Config, mesh: ParallelMesh) -> None:
-    """Refuse a mesh whose pp or tp differs from the config's (the model would be split wrongly)."""
-    for dim in ("pp", "tp"):
-        wanted, got = getattr(cfg.parallel, dim), mesh.size(dim)
-        if wanted != got:
-            raise ConfigError(f"parallel.{dim}={wanted} but the mesh has {dim}={got}; "
-                              f"build the mesh with the config's sizes (ParallelMesh.build({dim}={wanted}))")
-    if cfg.parallel.dp not in (0, mesh.dp_size):
-        raise ConfigError(f"parallel.dp={cfg.parallel.dp} but the mesh has dp={mesh.dp_size}; "
-                          "set parallel.dp = 0 to take the mesh's size")
-
-
 def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     if cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device.type == "cuda"):
         return torch.bfloat16
@@ -74,7 +63,10 @@ class Trainer:
                  val_data: TokenDataset, callbacks: Callbacks | None = None):
         # The same checks the CLI makes, so a library caller gets the same ConfigError.
         validate(cfg)
-        check_mesh(cfg, mesh)
+        try:  # parallelize checks this too, but only after the model is built
+            check_mesh_sizes(cfg.parallel, mesh)
+        except PlanError as exc:
+            raise ConfigError(str(exc)) from None
         self.cfg = cfg
         self.mesh = mesh
         self.device = mesh.device
